@@ -1,0 +1,1 @@
+"""Everything that speaks to the ITSM: tokens, incident operations, a simulator."""
