@@ -1,8 +1,8 @@
 """One typed settings object for the whole bridge.
 
-Sources, later ones winning: the commented defaults in ``config/bridge.toml``, the file named by ``BRIDGE_CONFIG``
-(or passed explicitly), then ``BRIDGE_*`` environment variables. A secret may also
-come from ``BRIDGE_<NAME>_FILE``, as container platforms mount them.
+Sources, later ones winning: the commented defaults in ``config/bridge.toml``, the
+file named by ``BRIDGE_CONFIG`` (or passed explicitly), then ``BRIDGE_*`` environment
+variables. A secret may also come from ``BRIDGE_<NAME>_FILE``, as container platforms mount them.
 
 TOML sections are flattened: ``[itsm] client_id`` is the field ``itsm_client_id``
 and the variable ``BRIDGE_ITSM_CLIENT_ID``. Every validation error names the key.
@@ -161,7 +161,11 @@ class Settings(BaseModel):
     def _url_has_scheme(cls, value: str, info: Any) -> str:
         if value and "://" not in value:
             raise ValueError(f"{value!r} is not a URL (expected scheme://host...)")
-        if info.field_name == "itsm_url" and value and not value.startswith(("http://", "https://")):
+        if (
+            info.field_name == "itsm_url"
+            and value
+            and not value.startswith(("http://", "https://"))
+        ):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if info.field_name == "itsm_url" else value
 

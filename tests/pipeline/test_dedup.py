@@ -1,0 +1,253 @@
+"""Every row of the state table, on real Redis (and on fakeredis where Redis is absent)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from bridge.alert import Alert, Severity, Status
+from bridge.dedup import Decision, DedupPolicy, StateStore
+
+POLICY = DedupPolicy(
+    update_interval_s=300,
+    reopen_window_s=3600,
+    claim_lease_s=120,
+    flap_threshold=3,
+    flap_window_s=1800,
+    state_ttl_s=86400,
+    group_mode=False,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def redis_conn(request):
+    if request.param == "fakeredis":
+        return request.getfixturevalue("fake_redis")
+    return request.getfixturevalue("redis_client")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(redis_conn, clock) -> StateStore:
+    return StateStore(redis_conn, POLICY, prefix="t", clock=clock)
+
+
+_tokens = (f"tok-{i}" for i in itertools.count())
+
+
+def alert(status: Status = Status.FIRING, severity: Severity = Severity.WARNING, **kw) -> Alert:
+    base = Alert(
+        source="alertmanager",
+        identity="fp1",
+        status=status,
+        severity=severity,
+        summary="disk full",
+        key="k1",
+    )
+    return replace(base, **kw)
+
+
+def decide(store: StateStore, a: Alert) -> str:
+    return store.decide(a, next(_tokens)).decision
+
+
+def open_incident(store: StateStore, a: Alert | None = None) -> None:
+    a = a or alert()
+    token = next(_tokens)
+    assert store.decide(a, token).decision == Decision.CREATE
+    store.mark_inflight(a.key, token)
+    assert store.record_created(a.key, token, 42, "INC-42").decision == "open"
+
+
+def test_first_firing_alert_claims_and_creates(store):
+    assert decide(store, alert()) == Decision.CREATE
+
+
+def test_resolved_alert_for_unknown_key_is_ignored_as_orphan(store, redis_conn):
+    assert decide(store, alert(Status.RESOLVED)) == Decision.IGNORE_ORPHAN
+    assert redis_conn.exists(store.state_key("k1")) == 0
+
+
+def test_firing_while_another_worker_creates_never_creates_twice(store):
+    assert decide(store, alert()) == Decision.CREATE
+    assert [decide(store, alert()) for _ in range(5)] == [Decision.WAIT_FOR_CREATOR] * 5
+
+
+def test_same_token_delivered_twice_gets_the_same_decision(store):
+    first = store.decide(alert(), "t-same")
+    again = store.decide(alert(), "t-same")
+    assert first.decision == again.decision == Decision.CREATE
+    assert first.gen == again.gen
+
+
+def test_resolve_while_creating_is_applied_when_the_create_is_recorded(store):
+    token = "creator"
+    assert store.decide(alert(), token).decision == Decision.CREATE
+    assert decide(store, alert(Status.RESOLVED)) == Decision.PENDING_RESOLVE
+    assert store.record_created("k1", token, 7, "INC-7").decision == "resolve"
+
+
+def test_claim_older_than_the_lease_is_taken_over(store, clock):
+    decide(store, alert())
+    clock.advance(POLICY.claim_lease_s + 1)
+    assert decide(store, alert()) == Decision.TAKEOVER
+
+
+def test_only_the_claim_holder_records_the_create(store):
+    store.decide(alert(), "owner")
+    assert store.record_created("k1", "intruder", 1, "INC-1").decision == "stale"
+
+
+def test_second_create_attempt_of_a_claim_must_reconcile(store):
+    store.decide(alert(), "owner")
+    assert store.mark_inflight("k1", "owner").decision == "first"
+    assert store.mark_inflight("k1", "owner").decision == "reconcile"
+
+
+def test_repeats_of_an_open_incident_are_counted_not_written(store):
+    open_incident(store)
+    assert [decide(store, alert()) for _ in range(10)] == [Decision.COUNT_ONLY] * 10
+
+
+def test_first_repeat_after_the_interval_carries_the_folded_count(store, clock):
+    open_incident(store)
+    for _ in range(40):
+        decide(store, alert())
+    clock.advance(POLICY.update_interval_s)
+    outcome = store.decide(alert(), "after-interval")
+    assert outcome.decision == Decision.COALESCED_UPDATE
+    assert outcome.pending_count == 41
+
+
+def test_rise_in_severity_updates_at_once(store):
+    open_incident(store)
+    outcome = store.decide(alert(severity=Severity.CRITICAL), "rise")
+    assert outcome.decision == Decision.COALESCED_UPDATE
+    assert outcome.severity_written == Severity.WARNING
+    assert outcome.severity_peak == Severity.CRITICAL
+
+
+def test_lower_severity_does_not_force_an_update(store):
+    open_incident(store, alert(severity=Severity.CRITICAL))
+    assert decide(store, alert(severity=Severity.INFO)) == Decision.COUNT_ONLY
+
+
+def test_resolution_of_an_open_incident_resolves(store):
+    open_incident(store)
+    assert decide(store, alert(Status.RESOLVED)) == Decision.RESOLVE
+
+
+def test_repeated_resolution_is_ignored(store):
+    open_incident(store)
+    decide(store, alert(Status.RESOLVED))
+    assert decide(store, alert(Status.RESOLVED)) == Decision.IGNORE_DUPLICATE
+
+
+def test_relapse_inside_window_reopens_same_incident(store, clock):
+    open_incident(store)
+    decide(store, alert(Status.RESOLVED))
+    clock.advance(POLICY.reopen_window_s - 1)
+    outcome = store.decide(alert(), "relapse")
+    assert outcome.decision == Decision.REOPEN
+    assert outcome.incident_id == 42
+
+
+def test_relapse_after_window_creates_a_new_incident_linked_to_the_old(store, clock):
+    open_incident(store)
+    decide(store, alert(Status.RESOLVED))
+    clock.advance(POLICY.reopen_window_s + 1)
+    outcome = store.decide(alert(), "late")
+    assert outcome.decision == Decision.NEW_AFTER_WINDOW
+    assert outcome.previous_id == 42
+    assert outcome.incident_id is None
+
+
+def test_many_resolve_relapse_cycles_are_damped_as_flapping(store, clock):
+    open_incident(store)
+    decisions = []
+    for _ in range(POLICY.flap_threshold + 2):
+        decisions.append(decide(store, alert(Status.RESOLVED)))
+        clock.advance(10)
+        decisions.append(decide(store, alert()))
+        clock.advance(10)
+    assert decisions[:4] == [Decision.RESOLVE, Decision.REOPEN] * 2
+    assert decisions[4:6] == [Decision.RESOLVE, Decision.FLAPPING]
+    # from then on: no resolve/reopen churn, only held resolves that relapses cancel
+    assert Decision.RESOLVE not in decisions[6:] and Decision.REOPEN not in decisions[6:]
+
+
+def test_held_resolve_settles_when_no_relapse_follows(store, clock):
+    open_incident(store)
+    for _ in range(POLICY.flap_threshold):
+        decide(store, alert(Status.RESOLVED))
+        decide(store, alert())
+    held = store.decide(alert(Status.RESOLVED), "hold")
+    assert held.decision == Decision.HOLD_RESOLVE
+    assert store.settle("k1", "settle", held.hold).decision == Decision.RESOLVE
+
+
+def test_settle_is_stale_after_a_relapse(store):
+    open_incident(store)
+    for _ in range(POLICY.flap_threshold):
+        decide(store, alert(Status.RESOLVED))
+        decide(store, alert())
+    held = store.decide(alert(Status.RESOLVED), "hold")
+    decide(store, alert())
+    assert store.settle("k1", "settle", held.hold).decision == "stale"
+
+
+def test_released_claim_lets_the_next_alert_create(store):
+    store.decide(alert(), "owner")
+    store.release_claim("k1", "owner")
+    assert decide(store, alert()) == Decision.CREATE
+
+
+def test_incident_closed_by_a_person_is_recreated_with_a_link(store):
+    open_incident(store)
+    outcome = store.recreate("k1", "recreate")
+    assert outcome.decision == Decision.NEW_AFTER_WINDOW
+    assert outcome.previous_id == 42
+
+
+def test_group_mode_resolves_only_when_every_member_has_resolved(redis_conn, clock):
+    store = StateStore(redis_conn, replace(POLICY, group_mode=True), prefix="g", clock=clock)
+    a1, a2 = alert(identity="a"), alert(identity="b")
+    token = "c"
+    assert store.decide(a1, token).decision == Decision.CREATE
+    store.record_created("k1", token, 5, "INC-5")
+    decide(store, a2)
+    assert decide(store, replace(a1, status=Status.RESOLVED)) == Decision.COUNT_ONLY
+    assert decide(store, replace(a2, status=Status.RESOLVED)) == Decision.RESOLVE
+
+
+def test_state_expires(store, redis_conn):
+    decide(store, alert())
+    ttl = redis_conn.ttl(store.state_key("k1"))
+    assert 0 < ttl <= POLICY.state_ttl_s
+
+
+def test_batch_of_one_message_is_decided_in_order(store):
+    alerts = [alert(), alert(), alert(Status.RESOLVED)]
+    outcomes = store.decide_many(alerts, ["b0", "b1", "b2"])
+    assert [o.decision for o in outcomes] == [
+        Decision.CREATE,
+        Decision.WAIT_FOR_CREATOR,
+        Decision.PENDING_RESOLVE,
+    ]
