@@ -173,8 +173,9 @@ if op == 'decide' then
   return reply('ignore_orphan')
 
 elseif op == 'created' then
-  -- the create succeeded; only the current claim holder may record it
-  if s.ph ~= 'c' or s.cl ~= token then return reply('stale') end
+  -- the create succeeded. Whoever holds the claim now, this incident exists and must be
+  -- recorded (the caller holds the key's action lock, so no other create ran meanwhile).
+  if s.ph ~= 'c' then return reply('stale') end
   local resolve_now = s.pr == '1'
   save({ph = resolve_now and 'r' or 'o', id = ARGV[5], dn = ARGV[6], cl = false, ca = false,
         inf = false, pr = false, lu = now, ra = resolve_now and now or false})

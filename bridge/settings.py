@@ -127,8 +127,11 @@ class Settings(BaseModel):
     dedup_on_resolve: Literal["resolve", "note", "nothing"] = "resolve"
     dedup_flap_threshold: int = Field(default=4, ge=2)
     dedup_flap_window_s: int = Field(default=1800, ge=1)
+    dedup_flap_quiet_s: int = Field(default=600, ge=1)
     dedup_state_ttl_s: int = Field(default=7 * 86400, ge=60)
     dedup_claim_lease_s: int = Field(default=120, ge=5)
+    dedup_lock_lease_s: int = Field(default=90, ge=5)
+    dedup_note_occurrences: bool = True
 
     # [retry]
     retry_max_attempts: int = Field(default=8, ge=1)

@@ -110,9 +110,17 @@ def test_claim_older_than_the_lease_is_taken_over(store, clock):
     assert decide(store, alert()) == Decision.TAKEOVER
 
 
-def test_only_the_claim_holder_records_the_create(store):
+def test_a_create_is_recorded_even_after_its_claim_was_taken_over(store, clock):
     store.decide(alert(), "owner")
-    assert store.record_created("k1", "intruder", 1, "INC-1").decision == "stale"
+    clock.advance(POLICY.claim_lease_s + 1)
+    store.decide(alert(), "taker")
+    assert store.record_created("k1", "owner", 1, "INC-1").decision == "open"
+    assert store.mark_inflight("k1", "taker").decision == "stale"
+
+
+def test_a_second_create_record_is_stale(store):
+    open_incident(store)
+    assert store.record_created("k1", "late", 2, "INC-2").decision == "stale"
 
 
 def test_second_create_attempt_of_a_claim_must_reconcile(store):

@@ -1,0 +1,471 @@
+"""The ``bridge`` command: a thin layer over library functions."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Any
+
+import click
+import orjson
+
+from bridge.settings import Settings, SettingsError, load_settings
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _settings(ctx: click.Context) -> Settings:
+    if "settings" not in ctx.meta:
+        try:
+            ctx.meta["settings"] = load_settings(ctx.find_root().params.get("config"))
+        except SettingsError as exc:
+            raise click.ClickException(f"configuration error: {exc}") from None
+    settings: Settings = ctx.meta["settings"]
+    return settings
+
+
+def _setup_logging(settings: Settings) -> None:
+    from bridge.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="BRIDGE_CONFIG",
+    help="TOML config file (default: config/bridge.toml, then BRIDGE_* variables).",
+)
+@click.version_option(package_name="itsm-alert-bridge")
+def main(config: str | None) -> None:
+    """Alerts in, exactly one ITSM incident per problem out.
+
+    \b
+    Example:
+      bridge run                      # everything in one process, embedded defaults
+      bridge publish --source alertmanager alert.json
+    """
+
+
+# ------------------------------------------------------------------ run / worker
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--concurrency", "-c", type=int, default=None, help="Worker threads.")
+@click.pass_context
+def run(ctx: click.Context, concurrency: int | None) -> None:
+    """Run the whole bridge in one process.
+
+    With no URLs configured it uses an in-memory broker, in-process Redis state and the
+    built-in ITSM simulator; set BRIDGE_BROKER_URL, BRIDGE_REDIS_URL and BRIDGE_ITSM_URL
+    to use real services.
+
+    \b
+    Example:
+      bridge run
+    """
+    from bridge.embedded import run_bridge
+
+    settings = _settings(ctx)
+    _setup_logging(settings)
+    run_bridge(settings, concurrency=concurrency or max(4, settings.worker_concurrency))
+
+
+@main.command(
+    context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def worker(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker; extra options go to Celery unchanged.
+
+    \b
+    Example:
+      bridge worker --concurrency 2 --loglevel INFO
+    """
+    from workers.app import INTAKE_QUEUE, UPDATES_QUEUE, URGENT_QUEUE, create_app
+
+    settings = _settings(ctx)
+    _setup_logging(settings)
+    app = create_app(settings)
+    argv = ["worker", "--without-gossip", "--without-mingle"]
+    if not any(a.startswith(("-Q", "--queues")) for a in celery_args):
+        argv += ["-Q", f"{URGENT_QUEUE},{INTAKE_QUEUE},{UPDATES_QUEUE}"]
+    if not any(a.startswith(("-c", "--concurrency")) for a in celery_args):
+        argv += ["--concurrency", str(settings.worker_concurrency)]
+    app.worker_main(argv=[*argv, *celery_args])
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Listen beyond loopback without ingest tokens (not for production).",
+)
+@click.pass_context
+def serve(ctx: click.Context, insecure_no_auth: bool) -> None:
+    """Run the HTTP ingest: webhooks in, messages on the broker, /healthz /readyz /metrics.
+
+    \b
+    Example:
+      BRIDGE_INGEST_TOKENS=s3cr3t BRIDGE_HTTP_HOST=0.0.0.0 bridge serve
+    """
+    from bridge.ingest import serve as serve_ingest
+
+    settings = _settings(ctx)
+    _setup_logging(settings)
+    try:
+        serve_ingest(settings, insecure_no_auth=insecure_no_auth)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# ------------------------------------------------------------------ publish
+
+
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--source",
+    "fmt",
+    type=click.Choice(["alertmanager", "grafana", "pagerduty", "generic", "auto"]),
+    default="auto",
+    show_default=True,
+    help="Format of the payload; auto detects it from its shape.",
+)
+@click.argument("file", type=click.File("rb"), default="-")
+@click.pass_context
+def publish(ctx: click.Context, fmt: str, file: Any) -> None:
+    """Put one payload (a file, or - for standard input) on the broker.
+
+    \b
+    Example:
+      bridge publish --source alertmanager alert.json
+      curl -s ... | bridge publish -
+    """
+    from bridge import sources
+    from bridge.pipeline import envelope
+    from workers.app import create_app
+    from workers.app import publish as publish_message
+
+    settings = _settings(ctx)
+    body = file.read()
+    try:
+        payload = sources.decode(body)
+        if fmt == "auto":
+            detected = sources.detect(payload)
+            if detected is None:
+                raise click.ClickException(
+                    "cannot tell the payload's format; name it with --source"
+                )
+            fmt = detected
+        count = len(sources.parse(fmt, payload))
+    except sources.InvalidPayload as exc:
+        raise click.ClickException(f"invalid {fmt} payload: {exc}") from None
+    if not settings.broker_url:
+        raise click.ClickException(
+            "no broker configured: set BRIDGE_BROKER_URL to the broker the workers use"
+        )
+    app = create_app(settings)
+    try:
+        publish_message(app, envelope(fmt, payload), timeout=5)
+    except Exception as exc:
+        raise click.ClickException(f"the broker did not take the message: {exc}") from None
+    click.echo(f"published {count} {fmt} alert(s)")
+
+
+# ------------------------------------------------------------------ dlq
+
+
+@main.group(context_settings=CONTEXT)
+def dlq() -> None:
+    """List, inspect, replay and purge dead letters.
+
+    \b
+    Example:
+      bridge dlq list --reason itsm_rejected
+      bridge dlq replay --all --dry-run
+    """
+
+
+def _runtime(ctx: click.Context) -> Any:
+    from bridge.runtime import Runtime
+    from workers.app import CelerySink, create_app
+
+    settings = _settings(ctx)
+    return Runtime(settings, sink=CelerySink(create_app(settings)))
+
+
+def _filters(f: Any) -> Any:
+    f = click.option("--reason", help="Only entries with this reason.")(f)
+    f = click.option("--source", help="Only entries from this source format.")(f)
+    f = click.option("--key", help="Only entries for this incident key.")(f)
+    f = click.option(
+        "--older-than", type=float, default=None, help="Only entries older than N seconds."
+    )(f)
+    return click.option(
+        "--newer-than", type=float, default=None, help="Only entries newer than N seconds."
+    )(f)
+
+
+def _select(rt: Any, reason: Any, source: Any, key: Any, older: Any, newer: Any) -> list[Any]:
+    entries: list[Any] = rt.dlq.list(
+        reason=reason, source=source, key=key, older_than_s=older, newer_than_s=newer
+    )
+    return entries
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@dlq.command("list", context_settings=CONTEXT)
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def dlq_list(ctx: click.Context, reason, source, key, older_than, newer_than, as_json) -> None:  # type: ignore[no-untyped-def]
+    """List dead letters, oldest first.
+
+    \b
+    Example:
+      bridge dlq list --reason itsm_rejected --older-than 3600
+    """
+    rt = _runtime(ctx)
+    entries = _select(rt, reason, source, key, older_than, newer_than)
+    if as_json:
+        for entry in entries:
+            click.echo(orjson.dumps(entry.to_dict()).decode())
+        return
+    if not entries:
+        click.echo("no dead letters")
+        return
+    now = time.time()
+    rows = [("ID", "AGE", "REASON", "SOURCE", "ACTION", "TRIES", "DETAIL")]
+    for e in entries:
+        detail = e.detail if len(e.detail) <= 60 else e.detail[:57] + "..."
+        rows.append(
+            (
+                e.id,
+                _age(now - e.failed_at),
+                e.reason,
+                e.source,
+                e.action or e.kind,
+                str(e.attempts),
+                detail,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]))
+    click.echo(f"\n{len(entries)} dead letter(s)")
+
+
+@dlq.command("show", context_settings=CONTEXT)
+@click.argument("entry_id")
+@click.pass_context
+def dlq_show(ctx: click.Context, entry_id: str) -> None:
+    """Show one dead letter in full.
+
+    \b
+    Example:
+      bridge dlq show 1764384000000-1a2b3c4d
+    """
+    entry = _runtime(ctx).dlq.get(entry_id)
+    if entry is None:
+        raise click.ClickException(f"no dead letter {entry_id} (see `bridge dlq list`)")
+    data = entry.to_dict()
+    with contextlib.suppress(orjson.JSONDecodeError):
+        data["payload"] = orjson.loads(data["payload"])
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@dlq.command("replay", context_settings=CONTEXT)
+@click.argument("entry_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every entry matching the filters.")
+@_filters
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed; change nothing.")
+@click.pass_context
+def dlq_replay(ctx, entry_ids, everything, reason, source, key, older_than, newer_than, dry_run):  # type: ignore[no-untyped-def]
+    """Replay dead letters through the normal pipeline (never a duplicate incident).
+
+    An entry that succeeds is removed; one that fails again stays, with the new reason.
+
+    \b
+    Example:
+      bridge dlq replay --all --reason itsm_rejected
+      bridge dlq replay 1764384000000-1a2b3c4d
+    """
+    rt = _runtime(ctx)
+    _setup_logging(rt.settings)
+    filtered = any(v is not None for v in (reason, source, key, older_than, newer_than))
+    if entry_ids:
+        entries = [rt.dlq.get(i) for i in entry_ids]
+        missing = [i for i, e in zip(entry_ids, entries, strict=True) if e is None]
+        for i in missing:
+            click.echo(f"{i}: not found (already replayed?)")
+        entries = [e for e in entries if e is not None]
+    elif everything or filtered:
+        entries = _select(rt, reason, source, key, older_than, newer_than)
+    else:
+        raise click.UsageError("name entry ids, or use --all (optionally with filters)")
+    if dry_run:
+        for e in entries:
+            click.echo(f"would replay {e.id} ({e.reason}, {e.action or e.kind}, key {e.key})")
+        click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} would be replayed")
+        return
+    succeeded = failed = 0
+    with click.progressbar(entries, label="replaying", file=sys.stderr) as bar:
+        for entry in bar:
+            result = rt.pipeline.replay(entry)
+            if result.status in {"done", "stale"}:
+                rt.dlq.remove(entry.id)
+                succeeded += 1
+            else:
+                rt.dlq.mark_replayed(entry.id, result.detail)
+                failed += 1
+                click.echo(f"\n{entry.id}: failed again: {result.detail}", err=True)
+    click.echo(f"replayed {len(entries)}, succeeded {succeeded}, failed again {failed}")
+    if failed:
+        sys.exit(1)
+
+
+@dlq.command("purge", context_settings=CONTEXT)
+@_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dlq_purge(ctx, reason, source, key, older_than, newer_than, yes):  # type: ignore[no-untyped-def]
+    """Delete dead letters matching the filters (all of them without filters).
+
+    \b
+    Example:
+      bridge dlq purge --older-than 604800 --yes
+    """
+    rt = _runtime(ctx)
+    entries = _select(rt, reason, source, key, older_than, newer_than)
+    if not entries:
+        click.echo("nothing to purge")
+        return
+    if not yes:
+        click.confirm(f"delete {len(entries)} dead letter(s)?", abort=True)
+    for entry in entries:
+        rt.dlq.remove(entry.id)
+    click.echo(f"purged {len(entries)} dead letter(s)")
+
+
+# ------------------------------------------------------------------ itsm
+
+
+@main.group(context_settings=CONTEXT)
+def itsm() -> None:
+    """Talk to the ITSM.
+
+    \b
+    Example:
+      bridge itsm check
+    """
+
+
+@itsm.command("check", context_settings=CONTEXT)
+@click.pass_context
+def itsm_check(ctx: click.Context) -> None:
+    """Prove the ITSM settings work: get a token and make one read call.
+
+    \b
+    Example:
+      BRIDGE_ITSM_URL=https://sd.example.com bridge itsm check
+    """
+    from bridge.itsm.check import check_itsm
+
+    settings = _settings(ctx)
+    if not settings.itsm_url:
+        raise click.ClickException("BRIDGE_ITSM_URL is not set: there is no ITSM to check")
+    result = check_itsm(settings)
+    if not result.ok:
+        raise click.ClickException(result.message)
+    click.echo(result.message)
+
+
+@main.command("itsm-sim", context_settings=CONTEXT)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--flavor", type=click.Choice(["itsm", "serviceops"]), default="itsm")
+@click.option("--latency", type=float, default=0.0, help="Seconds added to every call.")
+@click.option("--client-id", default="bridge-client", show_default=True)
+@click.option("--client-secret", envvar="BRIDGE_SIM_CLIENT_SECRET", default="sim-secret")
+@click.option("--username", default="bridge@example.com", show_default=True)
+@click.option("--password", envvar="BRIDGE_SIM_PASSWORD", default="sim-password")
+def itsm_sim(host, port, flavor, latency, client_id, client_secret, username, password):  # type: ignore[no-untyped-def]
+    """Run the ITSM simulator (a stand-in ITSM with fault injection).
+
+    \b
+    Example:
+      bridge itsm-sim --port 8090 --flavor serviceops
+    """
+    from bridge.itsm.simulator import serve_forever
+
+    click.echo(f"ITSM simulator ({flavor}) on http://{host}:{port}  admin: /_sim/state")
+    serve_forever(
+        flavor,
+        host,
+        port,
+        latency_s=latency,
+        client_id=client_id,
+        client_secret=client_secret,
+        username=username,
+        password=password,
+    )
+
+
+# ------------------------------------------------------------------ config
+
+
+@main.group(context_settings=CONTEXT)
+def config() -> None:
+    """Validate and show the effective configuration.
+
+    \b
+    Example:
+      bridge config check
+    """
+
+
+@config.command("check", context_settings=CONTEXT)
+@click.pass_context
+def config_check(ctx: click.Context) -> None:
+    """Validate the configuration; exit non-zero naming the key at fault.
+
+    \b
+    Example:
+      BRIDGE_CONFIG=/etc/bridge.toml bridge config check
+    """
+    settings = _settings(ctx)
+    from bridge.mapping import Mapper, MappingError
+
+    try:
+        Mapper(settings.mapping)
+    except MappingError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    click.echo("configuration is valid")
+
+
+@config.command("show", context_settings=CONTEXT)
+@click.pass_context
+def config_show(ctx: click.Context) -> None:
+    """Print the effective settings as TOML-like lines, secrets masked.
+
+    \b
+    Example:
+      bridge config show
+    """
+    settings = _settings(ctx)
+    for name, value in settings.model_dump(exclude={"mapping"}).items():
+        if name in {"itsm_client_secret", "itsm_password", "itsm_api_key", "ingest_tokens"}:
+            raw = getattr(settings, name).get_secret_value()
+            value = "********" if raw else ""
+        click.echo(f"{name} = {orjson.dumps(value, default=str).decode()}")
+    click.echo(f"mapping = {orjson.dumps(settings.mapping.model_dump(), default=str).decode()}")

@@ -1,0 +1,83 @@
+"""The thin tasks: each hands its message to ``bridge.pipeline`` and nothing more.
+
+The runtime (Redis client, stores, ITSM client) is built once per process, on
+first use, so prefork children never share sockets with their parent.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import structlog
+from celery import Celery
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bridge.runtime import Runtime
+
+log = structlog.get_logger("workers.tasks")
+_runtimes: dict[tuple[int, int], Runtime] = {}
+_lock = threading.Lock()
+
+# Infrastructure trouble (the state store is unreachable): the message stays ours and is
+# retried with backoff until it works; giving up would lose an accepted alert.
+INFRA_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+def runtime_for(app: Celery) -> Runtime:
+    key = (os.getpid(), id(app))
+    rt = _runtimes.get(key)
+    if rt is None:
+        with _lock:
+            rt = _runtimes.get(key)
+            if rt is None:
+                from workers.app import CelerySink
+
+                factory = getattr(app.conf, "bridge_runtime_factory", None)
+                if factory is not None:
+                    rt = factory(CelerySink(app))
+                else:
+                    rt = Runtime(app.conf.bridge_settings, sink=CelerySink(app))
+                _runtimes[key] = rt
+    return rt
+
+
+def register(app: Celery) -> None:
+    common: dict[str, Any] = {
+        "bind": True,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "autoretry_for": INFRA_ERRORS,
+        "retry_backoff": True,
+        "retry_backoff_max": 60,
+        "retry_jitter": True,
+        "max_retries": None,
+        "ignore_result": True,
+    }
+
+    @app.task(name="bridge.intake", **common)
+    def intake(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+        structlog.contextvars.bind_contextvars(task_id=self.request.id)
+        try:
+            result = runtime_for(app).pipeline.intake(message, self.request.id)
+            return {"alerts": result.alerts, "actions": result.actions}
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    @app.task(name="bridge.act", **common)
+    def act(self: Any, action: dict[str, Any]) -> str:
+        structlog.contextvars.bind_contextvars(task_id=self.request.id, key=action.get("key"))
+        try:
+            return runtime_for(app).pipeline.run_action(action).status
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    @app.task(name="bridge.settle", **common)
+    def settle(self: Any, action: dict[str, Any]) -> str:
+        return runtime_for(app).pipeline.settle(action).status
+
+    @app.task(name="bridge.noop", bind=True, acks_late=True, ignore_result=True)
+    def noop(self: Any, message: Any = None) -> None:
+        """The benchmark's floor: a task that does nothing on the same settings."""
