@@ -469,3 +469,7 @@ def config_show(ctx: click.Context) -> None:
             value = "********" if raw else ""
         click.echo(f"{name} = {orjson.dumps(value, default=str).decode()}")
     click.echo(f"mapping = {orjson.dumps(settings.mapping.model_dump(), default=str).decode()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -140,9 +140,14 @@ class StateStore:
         return self._script(keys=self._keys(key), args=args, client=client)
 
     def decide_many(self, alerts: Sequence[Alert], tokens: Sequence[str]) -> list[Outcome]:
-        """Decide every alert of one message in one round trip, in order."""
+        """Decide every alert of one message in one round trip, in order.
+
+        The same round trip counts the alerts in ``{prefix}:stats`` (field ``alerts``),
+        which is how operators and tests account for every alert taken off the broker.
+        """
         p = self._policy
         pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(f"{self._prefix}:stats", "alerts", len(alerts))
         for alert, token in zip(alerts, tokens, strict=True):
             self._run(
                 "decide",
@@ -158,7 +163,7 @@ class StateStore:
                 alert.identity if p.group_mode else "",
                 client=pipe,
             )
-        return [Outcome.from_reply(r) for r in pipe.execute()]
+        return [Outcome.from_reply(r) for r in pipe.execute()[1:]]
 
     def decide(self, alert: Alert, token: str) -> Outcome:
         return self.decide_many([alert], [token])[0]
