@@ -34,6 +34,7 @@ CANONICAL = "canonical"  # an internal format: {"alerts": [Alert.to_dict(), ...]
 _CREATES = frozenset({Decision.CREATE, Decision.TAKEOVER, Decision.NEW_AFTER_WINDOW})
 URGENT = "urgent"
 UPDATES = "updates"
+_MAX_STORED_PAYLOAD = 256 * 1024
 
 
 def envelope(fmt: str, payload: Any, *, received_at: float | None = None) -> dict[str, Any]:
@@ -184,11 +185,21 @@ class Pipeline:
     # ---------------------------------------------------------------- intake
 
     def parse(self, fmt: str, payload: Any) -> list[Alert]:
+        """Canonical alerts, keyed; raises sources.InvalidPayload naming the field."""
         if fmt == CANONICAL:
             alerts = [Alert.from_dict(a) for a in payload["alerts"]]
         else:
+            if isinstance(payload, dict) and "__undecodable__" in payload:
+                raise sources.InvalidPayload("body", "not UTF-8 text")
             if isinstance(payload, (bytes, str)):
                 payload = sources.decode(payload.encode() if isinstance(payload, str) else payload)
+            if fmt == "auto":
+                detected = sources.detect(payload)
+                if detected is None:
+                    raise sources.InvalidPayload(
+                        "format", "cannot tell the format; name it in the x-alert-format header"
+                    )
+                fmt = detected
             alerts = sources.parse(fmt, payload)
         s = self.settings
         return [
@@ -234,6 +245,9 @@ class Pipeline:
     def _dead_letter_message(self, message: dict[str, Any], reason: Reason, detail: str) -> str:
         payload = message.get("payload")
         text = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+        if len(text) > _MAX_STORED_PAYLOAD:
+            # a huge poison payload must not turn the dead-letter store into the next problem
+            text = text[:_MAX_STORED_PAYLOAD] + f"...[truncated, {len(text)} characters in all]"
         entry_id = self.dlq.add(
             reason=reason,
             detail=detail,

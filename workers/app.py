@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu import Queue
 
 from bridge.pipeline import URGENT, Action
 from bridge.settings import Settings, load_settings
@@ -19,9 +19,6 @@ from bridge.settings import Settings, load_settings
 INTAKE_QUEUE = "bridge.intake"
 URGENT_QUEUE = "bridge.urgent"
 UPDATES_QUEUE = "bridge.updates"
-RAW_EXCHANGE = "bridge.alerts"
-RAW_QUEUE = "bridge.alerts.raw"
-RAW_ROUTING_KEY = "alerts.raw"
 QUEUE_FOR_LANE = {URGENT: URGENT_QUEUE, "updates": UPDATES_QUEUE}
 
 
@@ -81,9 +78,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("bridge", set_as_current=False)
     configure(app, settings)
+    url = broker_url(settings)
     from workers import tasks
 
     tasks.register(app)
+    if url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        from workers.raw import RawAlertConsumer
+
+        app.steps["consumer"].add(RawAlertConsumer)
     return app
 
 
@@ -114,10 +116,6 @@ def publish(app: Celery, message: dict[str, Any], *, timeout: float | None = Non
         if timeout
         else None,
     )
-
-
-def raw_exchange() -> Exchange:
-    return Exchange(RAW_EXCHANGE, type="direct", durable=True)
 
 
 app = create_app() if os.environ.get("BRIDGE_NO_APP") != "1" else Celery("bridge")
