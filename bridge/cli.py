@@ -85,11 +85,25 @@ def worker(ctx: click.Context, celery_args: tuple[str, ...]) -> None:
     Example:
       bridge worker --concurrency 2 --loglevel INFO
     """
+    settings = _settings(ctx)
+    if settings.worker_metrics_port:
+        # Before anything imports prometheus_client: pool children inherit the directory.
+        _prepare_metrics_dir()
     from workers.app import INTAKE_QUEUE, UPDATES_QUEUE, URGENT_QUEUE, create_app
 
-    settings = _settings(ctx)
     _setup_logging(settings)
     app = create_app(settings)
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        from bridge.metrics import exposition_registry
+        from bridge.runtime import Runtime
+        from workers.app import CelerySink
+
+        dlq = Runtime(settings, sink=CelerySink(app)).dlq
+        start_http_server(
+            settings.worker_metrics_port, addr=settings.http_host, registry=exposition_registry(dlq)
+        )
     argv = ["worker", "--without-gossip", "--without-mingle"]
     if not any(a.startswith(("-Q", "--queues")) for a in celery_args):
         argv += ["-Q", f"{URGENT_QUEUE},{INTAKE_QUEUE},{UPDATES_QUEUE}"]
@@ -120,6 +134,17 @@ def serve(ctx: click.Context, insecure_no_auth: bool) -> None:
         serve_ingest(settings, insecure_no_auth=insecure_no_auth)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _prepare_metrics_dir() -> None:
+    import os
+    import shutil
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="bridge-metrics-")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 # ------------------------------------------------------------------ publish

@@ -152,6 +152,7 @@ class Settings(BaseModel):
 
     # [worker]
     worker_concurrency: int = Field(default=2, ge=1)
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
 
     # [log]
     log_format: Literal["auto", "json", "console"] = "auto"

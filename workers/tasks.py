@@ -26,6 +26,19 @@ _lock = threading.Lock()
 INFRA_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
+_metrics_instance: Any = None
+
+
+def _metrics() -> Any:
+    """One set of metric objects per process (prometheus_client registers them globally)."""
+    global _metrics_instance
+    if _metrics_instance is None:
+        from bridge.metrics import Metrics
+
+        _metrics_instance = Metrics()
+    return _metrics_instance
+
+
 def runtime_for(app: Celery) -> Runtime:
     key = (os.getpid(), id(app))
     rt = _runtimes.get(key)
@@ -35,11 +48,9 @@ def runtime_for(app: Celery) -> Runtime:
             if rt is None:
                 from workers.app import CelerySink
 
-                factory = getattr(app.conf, "bridge_runtime_factory", None)
-                if factory is not None:
-                    rt = factory(CelerySink(app))
-                else:
-                    rt = Runtime(app.conf.bridge_settings, sink=CelerySink(app))
+                rt = Runtime(
+                    app.conf.bridge_settings, sink=CelerySink(app), observer=_metrics().observe
+                )
                 _runtimes[key] = rt
     return rt
 

@@ -66,6 +66,7 @@ class BridgeStack:
             "BRIDGE_ITSM_PASSWORD": SIM_PASSWORD,
             "BRIDGE_LOG_FORMAT": "json",
             "BRIDGE_RETRY_BASE_DELAY_S": "0.2",
+            "BRIDGE_WORKER_METRICS_PORT": "0",
             **(extra_env or {}),
         }
         self.concurrency = concurrency
