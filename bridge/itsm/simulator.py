@@ -763,10 +763,18 @@ class Simulator:
     def _serve(self, request: _Request, arrived: float) -> _Reply:
         op, handler, request = self._route(request)
         family = _family(op)
+        if op == "token":
+            grant = _parse_form(request.content_type, request.body).get("grant_type")
+            op = "token_refresh" if grant == "refresh_token" else "token_password"
+        # Counted on arrival, so a hanging call is already visible in calls().
         with self._lock:
             latency = self._latency_s
             fail = _take(self._fail_rules, family) if op != "unknown" else None
             hang = _take(self._hang_rules, family) if op != "unknown" and fail is None else None
+            self._calls[op] += 1
+            self._calls["total"] += 1
+            if hang is not None:
+                self._calls["hung"] += 1
         if latency > 0:
             self._stopping.wait(latency)
         if fail is not None:
@@ -776,22 +784,15 @@ class Simulator:
             if fail.retry_after is not None:
                 reply.headers.append(("Retry-After", fail.retry_after))
             reply.mark = "injected_fault"
-        elif op == "token":
+        elif family == "token":
             reply = handler(request)
         else:
             reply = self._authenticated(request, handler)
         if hang is not None:
             self._stopping.wait(hang.seconds)
-        if op == "token":
-            grant = _parse_form(request.content_type, request.body).get("grant_type")
-            op = "token_refresh" if grant == "refresh_token" else "token_password"
         with self._lock:
-            self._calls[op] += 1
-            self._calls["total"] += 1
             if reply.mark:
                 self._calls[reply.mark] += 1
-            if hang is not None:
-                self._calls["hung"] += 1
             self._log.append(
                 {
                     "t": arrived,
