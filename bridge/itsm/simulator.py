@@ -18,6 +18,7 @@ import binascii
 import copy
 import http
 import json
+import logging
 import math
 import re
 import secrets
@@ -428,12 +429,20 @@ def _compile_relational(
     if operator not in ("equal", "not_equal", "in", "not_in"):
         raise _BadRequest(f"unsupported operator {_short(operator)}")
 
+    # A list-valued field (tags) matches when any of its items is wanted.
+    wanted = frozenset(value) if isinstance(value, list) else frozenset((value,))
+    positive = operator in ("equal", "in")
+
     def predicate(obj: dict[str, Any]) -> bool:
         actual = obj[attribute]
-        present = set(actual) if isinstance(actual, list) else {actual}
-        wanted = set(value) if isinstance(value, list) else {value}
-        hit = bool(present & wanted)
-        return hit if operator in ("equal", "in") else not hit
+        try:
+            if isinstance(actual, list):
+                hit = any(item in wanted for item in actual)
+            else:
+                hit = actual in wanted
+        except TypeError:  # a nested object (customField) never equals a plain value
+            hit = False
+        return hit == positive
 
     return predicate
 
@@ -587,6 +596,8 @@ class Simulator:
         if self._server is not None:
             return self.url
         self._stopping.clear()
+        # All workers busy is the normal state under a benchmark; waitress warns on every task.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._server = create_server(
             self._wsgi,
             map={},
@@ -1100,15 +1111,17 @@ class Simulator:
             size = _query_int(request.query, "size", 100, minimum=1)
             sort_by = request.query.get("sort_by", ["createdTime"])[0]
             predicate = _compile_qualification(_qual_details(request.body), _GEN_B_KEYS)
-            with self._lock:
-                objects = [_b_object(record) for record in self._records.values()]
-            matches = [obj for obj in objects if predicate(obj)]
             if sort_by not in _GEN_B_KEYS:
                 raise _BadRequest(f"sort_by {_short(sort_by)} is not a request field")
+            # Filter and sort the stored records in place; copy only the page answered.
+            with self._lock:
+                matches = [record for record in self._records.values() if predicate(record)]
+                matches.sort(key=lambda record: (record[sort_by], record["id"]))
+                page = [_b_object(record) for record in matches[offset : offset + size]]
+        except TypeError:
+            return _b_error(400, f"sort_by {_short(sort_by)} is not a sortable field")
         except _BadRequest as exc:
             return _b_error(400, str(exc))
-        matches.sort(key=lambda obj: (obj[sort_by], obj["id"]))
-        page = matches[offset : offset + size]
         return _json(200, {"objectList": page, "totalCount": len(matches)})
 
     def _b_note(self, request: _Request) -> _Reply:
