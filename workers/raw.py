@@ -52,7 +52,9 @@ class RawAlertConsumer(bootsteps.ConsumerStep):
     """Consumes ``bridge.alerts.raw`` and republishes each body as a ``bridge.intake`` task."""
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        return [Consumer(channel, queues=[raw_queue()], on_message=self.on_message, prefetch_count=16)]
+        return [
+            Consumer(channel, queues=[raw_queue()], on_message=self.on_message, prefetch_count=16)
+        ]
 
     def on_message(self, message: Any) -> None:
         from workers.app import publish
