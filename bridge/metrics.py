@@ -101,7 +101,7 @@ class Metrics:
             self.effects.labels(e)
         for r in DLQ_REASONS:
             self.dead_letters.labels(r)
-        for grant in ("password", "refresh"):
+        for grant in ("password", "refresh", "any"):
             self.token_requests.labels(grant)
 
     def observe(self, name: str, **labels: Any) -> None:
@@ -122,12 +122,13 @@ class Metrics:
         elif name == "latency":
             self.latency.observe(labels["seconds"])
 
-    def on_request(self, operation: str, status: int | str, seconds: float) -> None:
-        """The ITSM client's request hook."""
-        self.itsm_requests.labels(operation, str(status)).inc()
+    def on_request(self, operation: str, status: int | str | None, seconds: float) -> None:
+        """The ITSM client's request hook (status None: no answer, a network error)."""
+        self.itsm_requests.labels(operation, str(status or "none")).inc()
         self.itsm_seconds.labels(operation).observe(seconds)
         if operation.startswith("token"):
-            self.token_requests.labels(operation.removeprefix("token_") or "password").inc()
+            grant = operation.partition("_")[2] or "any"
+            self.token_requests.labels(grant).inc()
 
 
 class DeadLetterGauge:

@@ -57,9 +57,11 @@ class Runtime:
         redis: Any = None,
         clock: Callable[[], float] = time.time,
         observer: Any = None,
+        on_request: Any = None,
         client_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_request = on_request
         self.redis = redis if redis is not None else connect_redis(settings)
         self.clock = clock
         self.store = StateStore(
@@ -90,4 +92,4 @@ class Runtime:
     def _make_client(self) -> Any:
         from bridge.itsm.client import build_client
 
-        return build_client(self.settings, self.redis)
+        return build_client(self.settings, self.redis, on_request=self._on_request)

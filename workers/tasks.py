@@ -48,8 +48,12 @@ def runtime_for(app: Celery) -> Runtime:
             if rt is None:
                 from workers.app import CelerySink
 
+                metrics = _metrics()
                 rt = Runtime(
-                    app.conf.bridge_settings, sink=CelerySink(app), observer=_metrics().observe
+                    app.conf.bridge_settings,
+                    sink=CelerySink(app),
+                    observer=metrics.observe,
+                    on_request=metrics.on_request,
                 )
                 _runtimes[key] = rt
     return rt
