@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import requests
 import structlog
+from requests.adapters import HTTPAdapter
 
 from bridge.itsm.errors import (
     AuthError,
@@ -160,6 +162,7 @@ class TokenProvider:
         self._release = redis.register_script(_RELEASE)
         self._invalidate = redis.register_script(_INVALIDATE)
         self._thread_lock = threading.Lock()
+        self._pid = os.getpid()
         self._local: _Token | None = None
         self._failure: tuple[float, ItsmError] | None = None
         self.token_requests: Counter[str] = Counter()  # by grant: "password", "refresh"
@@ -204,6 +207,8 @@ class TokenProvider:
         return self._current()
 
     def _current(self) -> _Token:
+        if os.getpid() != self._pid:
+            self._after_fork()
         local = self._local
         if not self._thread_lock.acquire(blocking=False):
             # Another thread is renewing. A token still inside its life is good enough
@@ -216,19 +221,43 @@ class TokenProvider:
         finally:
             self._thread_lock.release()
 
+    def _after_fork(self) -> None:
+        # Inherited through fork: the parent's sockets and a lock some parent thread
+        # may have held at fork time must not be used here.
+        self._pid = os.getpid()
+        self._thread_lock = threading.Lock()
+        old, self._session = self._session, requests.Session()
+        self._session.verify = old.verify
+        for prefix, adapter in old.adapters.items():
+            if isinstance(adapter, HTTPAdapter):
+                self._session.mount(prefix, HTTPAdapter(pool_connections=1, max_retries=0))
+
     def _current_locked(self) -> _Token:
         now = self._clock()
         local = self._local
         if local is not None and now < local.renew_at:
             return local  # renewed by the thread we waited for
-        if self._failure is not None and now - self._failure[0] < _FAILURE_HOLD_S:
-            rebuild, args = self._failure[1].__reduce__()
-            raise rebuild(*args)
         shared = self._read()
         if shared is not None and now < shared.renew_at:
             self._local = shared
             return shared
-        deadline = now + self._wait_s
+        valid = next((t for t in (shared, local) if t is not None and now < t.expires_at), None)
+        try:
+            return self._renew(local)
+        except ItsmError as exc:
+            if valid is None:
+                raise
+            # Renewing ahead failed but the token has life left: use it, try again later.
+            log.warning(
+                "itsm token renewal failed; the current token is still valid", error=str(exc)
+            )
+            return valid
+
+    def _renew(self, local: _Token | None) -> _Token:
+        if self._failure is not None and self._clock() - self._failure[0] < _FAILURE_HOLD_S:
+            rebuild, args = self._failure[1].__reduce__()
+            raise rebuild(*args)
+        deadline = self._clock() + self._wait_s
         while True:
             owner = uuid.uuid4().hex
             if self._redis.set(self._lock_key, owner, nx=True, px=self._lock_ms):
@@ -307,7 +336,7 @@ class TokenProvider:
             raise error_for_exception(exc, operation="token", creates=False) from exc
         finally:
             if self._on_request is not None:
-                self._on_request("token", status, time.monotonic() - started)
+                self._on_request(f"token_{grant}", status, time.monotonic() - started)
         with response:
             if status != 200:
                 error = self._grant_error(grant, response)

@@ -283,6 +283,17 @@ def test_password_grant_when_the_refresh_grant_fails(itsm_sim, redis_client, bre
     assert (calls["token_refresh"], calls["token_password"]) == (1, 2)
 
 
+def test_a_failed_renewal_ahead_of_expiry_keeps_the_valid_token(itsm_sim, redis_client):
+    now = [1_000_000.0]
+    tokens = provider(itsm_sim, redis_client, clock=lambda: now[0])
+    first = tokens.authorization()
+    itsm_sim.fail_next(2, 503, operations=("token",))  # refresh, then password: both fail
+    now[0] += 7199 - 30  # inside the margin, not yet expired
+    assert tokens.authorization() == first
+    now[0] += 2  # the failure is not repeated at once, then renewal succeeds
+    assert tokens.authorization() != first
+
+
 def test_invalidate_drops_only_the_token_that_failed(itsm_sim, redis_client):
     one, two = provider(itsm_sim, redis_client), provider(itsm_sim, redis_client)
     stale = one.authorization()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from dataclasses import replace
 from typing import Any
@@ -232,7 +233,7 @@ def test_the_request_hook_sees_every_call(simulator, redis_client):
     ref = client.create(DRAFT, "k1")
     client.get(ref)
     assert [(op, status) for op, status, _ in seen] == [
-        ("token", 200),
+        ("token_password", 200),
         ("create", 200),
         ("get", 200),
     ]
@@ -259,3 +260,23 @@ def test_many_threads_share_one_client(simulator, client):
     assert errors == []
     assert simulator.calls()["get"] == 160
     assert simulator.calls()["token_password"] == 1
+
+
+def _use_inherited(client: Any, ref: IncidentRef, results: Any) -> None:
+    try:
+        results.put(client.get(ref).subject)
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def test_a_client_inherited_through_fork_opens_its_own_connections(simulator, client):
+    ref = client.create(DRAFT, "k1")
+    parent_session = client._session()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_use_inherited, args=(client, ref, results))
+    child.start()
+    assert results.get(timeout=30) == DRAFT.subject
+    child.join(timeout=10)
+    assert client._session() is parent_session
+    assert client.get(ref).subject == DRAFT.subject
