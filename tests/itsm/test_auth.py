@@ -363,13 +363,15 @@ def test_threads_behind_a_failed_grant_fail_without_asking_again(itsm_sim, redis
 @pytest.fixture
 def captured_logs(caplog):
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
     # No secrets handed to the redactor: the code itself must not log them.
     configure_logging(level="DEBUG", fmt="json", secrets=(), stream=stream)
-    root = logging.getLogger()
     root.addHandler(caplog.handler)
     caplog.set_level(logging.DEBUG)
     yield lambda: stream.getvalue() + caplog.text
-    root.handlers[:] = []
+    root.handlers[:], level = saved
+    root.setLevel(level)
     structlog.reset_defaults()
 
 
