@@ -252,7 +252,7 @@ def _age(seconds: float) -> str:
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-def dlq_list(ctx: click.Context, reason, source, key, older_than, newer_than, as_json) -> None:  # type: ignore[no-untyped-def]
+def dlq_list(ctx: click.Context, reason, source, key, older_than, newer_than, as_json) -> None:
     """List dead letters, oldest first.
 
     \b
@@ -315,7 +315,7 @@ def dlq_show(ctx: click.Context, entry_id: str) -> None:
 @_filters
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed; change nothing.")
 @click.pass_context
-def dlq_replay(ctx, entry_ids, everything, reason, source, key, older_than, newer_than, dry_run):  # type: ignore[no-untyped-def]
+def dlq_replay(ctx, entry_ids, everything, reason, source, key, older_than, newer_than, dry_run):
     """Replay dead letters through the normal pipeline (never a duplicate incident).
 
     An entry that succeeds is removed; one that fails again stays, with the new reason.
@@ -363,7 +363,7 @@ def dlq_replay(ctx, entry_ids, everything, reason, source, key, older_than, newe
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
-def dlq_purge(ctx, reason, source, key, older_than, newer_than, yes):  # type: ignore[no-untyped-def]
+def dlq_purge(ctx, reason, source, key, older_than, newer_than, yes):
     """Delete dead letters matching the filters (all of them without filters).
 
     \b
@@ -424,7 +424,7 @@ def itsm_check(ctx: click.Context) -> None:
 @click.option("--client-secret", envvar="BRIDGE_SIM_CLIENT_SECRET", default="sim-secret")
 @click.option("--username", default="bridge@example.com", show_default=True)
 @click.option("--password", envvar="BRIDGE_SIM_PASSWORD", default="sim-password")
-def itsm_sim(host, port, flavor, latency, client_id, client_secret, username, password):  # type: ignore[no-untyped-def]
+def itsm_sim(host, port, flavor, latency, client_id, client_secret, username, password):
     """Run the ITSM simulator (a stand-in ITSM with fault injection).
 
     \b

@@ -272,9 +272,10 @@ class Pipeline:
         try:
             result = self.perform(action)
         except KeyBusy:
-            delay = 0.2 + (hash(action.token) % 300) / 1000
-            self.sink.submit(action, countdown=delay)
-            return ActionResult("busy", retry_in=delay)
+            # spread the retries of actions queued behind the same key
+            pause = 0.2 + (hash(action.token) % 300) / 1000
+            self.sink.submit(action, countdown=pause)
+            return ActionResult("busy", retry_in=pause)
         except AmbiguousCreate as exc:
             return self._give_up(action, Reason.AMBIGUOUS_CREATE, str(exc), bound)
         except (ItsmError, OSError) as exc:
