@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import re
 import signal
 import threading
 import time
@@ -225,11 +226,27 @@ def _read_body(environ: Mapping[str, Any], limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _labels_field(fmt: str, index: int) -> str:
-    return "labels" if fmt == "pagerduty" else f"alerts[{index}].labels"
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _check_limits(fmt: str, alerts: list[Alert], limits: Limits) -> None:
+def _member(path: str, name: str) -> str:
+    """``labels.team``, or ``labels["a b"]`` for names that are not identifiers (as sources do)."""
+    if _PLAIN_NAME.match(name):
+        return f"{path}.{name}"
+    shown = name if len(name) <= 40 else name[:40] + "…"
+    return f'{path}["{shown.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"]'
+
+
+def _labels_field(fmt: str, payload: Any, index: int) -> str:
+    """Where the labels of the ``index``-th alert came from in the request."""
+    if fmt == "pagerduty":
+        return "payload"  # PD labels are payload.source, .component, .group, .class
+    if fmt == "generic" and not (isinstance(payload, dict) and "alerts" in payload):
+        return "labels"
+    return f"alerts[{index}].labels"
+
+
+def _check_limits(fmt: str, payload: Any, alerts: list[Alert], limits: Limits) -> None:
     if len(alerts) > limits.max_alerts:
         raise _Reject(
             400,
@@ -238,7 +255,7 @@ def _check_limits(fmt: str, alerts: list[Alert], limits: Limits) -> None:
             "alerts",
         )
     for index, alert in enumerate(alerts):
-        where = _labels_field(fmt, index)
+        where = _labels_field(fmt, payload, index)
         if len(alert.labels) > limits.max_labels:
             raise _Reject(
                 400,
@@ -256,7 +273,7 @@ def _check_limits(fmt: str, alerts: list[Alert], limits: Limits) -> None:
                     where,
                 )
             if len(str(value)) > limits.max_label_value_chars:
-                field = f"{where}.{name}"
+                field = _member(where, name)
                 raise _Reject(
                     400,
                     "label_limits",
@@ -467,7 +484,7 @@ class IngestApp:
             alerts = sources.parse(fmt, payload)
         except sources.InvalidPayload as exc:
             raise _Reject(400, "invalid_payload", str(exc), exc.field) from None
-        _check_limits(fmt, alerts, self._limits)
+        _check_limits(fmt, payload, alerts, self._limits)
         message = envelope(fmt, payload)
         if alerts:
             self._publish_or_503(fmt, message)
