@@ -11,12 +11,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from bridge.alert import Alert, Severity
 
-_SCRIPT = resources.files("bridge").joinpath("dedup.lua").read_text()
+_SCRIPT = Path(__file__).with_name("dedup.lua").read_text()
 _SEVERITY_BY_RANK = {s.rank: s for s in Severity}
 
 

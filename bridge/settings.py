@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "BRIDGE_"
-_NOT_SETTINGS = {"BRIDGE_CONFIG"}
+_NOT_SETTINGS = {"BRIDGE_CONFIG", "BRIDGE_NO_APP"}
 # The commented default file; when the package is installed without the project tree
 # the model's own defaults (kept equal to that file by a test) apply.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "bridge.toml"
