@@ -100,9 +100,10 @@ def _alert(
     raw: Any, path: str, source: str, extra_links: tuple[str, ...], value_annotation: str
 ) -> Alert:
     item = expect_object(raw, path)
-    status = _STATUS.get(item.get("status")) if type(item.get("status")) is str else None
+    raw_status = item.get("status")
+    status = _STATUS.get(raw_status) if type(raw_status) is str else None
     if status is None:
-        if item.get("status") is None:
+        if raw_status is None:
             raise InvalidPayload(f"{path}.status", "is required (firing or resolved)")
         raise InvalidPayload(f"{path}.status", "must be firing or resolved")
     if item.get("labels") is None:

@@ -40,12 +40,13 @@ def _validator() -> Draft202012Validator:
 
 def parse(payload: Any) -> list[Alert]:
     """The alerts of one generic payload; raises InvalidPayload naming the field."""
-    try:
-        error = best_match(_validator().iter_errors(payload))
-    except RecursionError:
-        raise InvalidPayload(ROOT, "nested too deeply") from None
-    if error is not None:
-        raise _invalid(error)
+    if not _plainly_valid(payload):
+        try:
+            error = best_match(_validator().iter_errors(payload))
+        except RecursionError:
+            raise InvalidPayload(ROOT, "nested too deeply") from None
+        if error is not None:
+            raise _invalid(error)
     if "alerts" in payload:
         return [_alert(item, f"alerts[{i}]") for i, item in enumerate(payload["alerts"])]
     return [_alert(payload, "")]
@@ -70,6 +71,64 @@ def _alert(item: dict[str, Any], path: str) -> Alert:
     )
 
 
+# A hand-written check of the common, valid case: the schema validator costs ~80 µs
+# an alert, this ~2 µs. It may only ever say "valid" when the schema agrees (a
+# property test holds it to that); anything it is unsure of goes to the validator,
+# which also words the error.
+_FIELDS = {
+    "source", "key", "status", "severity", "summary", "description",
+    "labels", "annotations", "starts_at", "ends_at", "links",
+}  # fmt: skip
+_STATUSES = frozenset(("firing", "resolved"))
+_SEVERITIES = frozenset(("critical", "error", "warning", "info"))
+_LIMITS = {"source": (1, 255), "key": (1, 255), "summary": (0, 1024), "description": (0, 65536)}
+
+
+def _plainly_valid(payload: Any) -> bool:
+    if type(payload) is not dict:
+        return False
+    if "alerts" not in payload:
+        return _plain_alert(payload)
+    alerts = payload["alerts"]
+    return len(payload) == 1 and type(alerts) is list and all(map(_plain_alert, alerts))
+
+
+def _plain_alert(item: Any) -> bool:
+    if type(item) is not dict or not _FIELDS.issuperset(item):
+        return False
+    status = item.get("status")
+    if type(status) is not str or status not in _STATUSES or "key" not in item:
+        return False
+    for name, (low, high) in _LIMITS.items():
+        if name in item:
+            value = item[name]
+            if type(value) is not str or not low <= len(value) <= high:
+                return False
+    if "severity" in item:
+        severity = item["severity"]
+        if type(severity) is not str or severity not in _SEVERITIES:
+            return False
+    for name in ("labels", "annotations"):
+        if name in item and not _plain_map(item[name]):
+            return False
+    for name in ("starts_at", "ends_at"):
+        if name in item and item[name] is not None and type(item[name]) is not str:
+            return False
+    if "links" in item:
+        links = item["links"]
+        if type(links) is not list or len(links) > 32:
+            return False
+        if not all(type(link) is str and 1 <= len(link) <= 2048 for link in links):
+            return False
+    return True
+
+
+def _plain_map(value: Any) -> bool:
+    if type(value) is not dict:
+        return False
+    return all(type(k) is str and 1 <= len(k) <= 256 and type(v) is str for k, v in value.items())
+
+
 def _path(parts: Iterable[Any]) -> str:
     path = ""
     for part in parts:
@@ -80,12 +139,16 @@ def _path(parts: Iterable[Any]) -> str:
 def _invalid(error: ValidationError) -> InvalidPayload:
     """Our message for a schema error: the field it concerns, never the instance itself."""
     path = _path(error.absolute_path)
-    kind, rule, instance = error.validator, error.validator_value, error.instance
+    # jsonschema types these as possibly unset; on a reported error they are set.
+    kind: Any = error.validator
+    rule: Any = error.validator_value
+    instance: Any = error.instance
+    schema: Any = error.schema
     if kind == "required" and isinstance(instance, dict):
         missing = next((name for name in rule if name not in instance), "")
         return InvalidPayload(member(path, missing), "is required")
     if kind == "additionalProperties" and isinstance(instance, dict):
-        known = error.schema.get("properties", {})
+        known = schema.get("properties", {})
         extra = next((name for name in instance if name not in known), "")
         allowed = ", ".join(known)
         return InvalidPayload(
