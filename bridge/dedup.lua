@@ -183,6 +183,12 @@ elseif op == 'created' then
 
 elseif op == 'inflight' then
   -- mark a create as possibly applied before sending it; a second attempt must reconcile
+  if not s.ph then
+    -- the state was lost (Redis flushed or restarted empty) after the decision: this
+    -- action re-claims the key rather than dropping the alert
+    save({ph = 'c', cl = token, ca = now, inf = token, n = 0})
+    return reply('reclaimed')
+  end
   if s.ph ~= 'c' or s.cl ~= token then return reply('stale') end
   local earlier = s.inf
   save({inf = token})

@@ -349,10 +349,12 @@ class Pipeline:
         if mark.decision == "stale":
             return ActionResult("stale", "the claim moved on")
         ref = None
+        if mark.decision == "reclaimed":
+            log.warning("state lost before the create; re-claimed", key=action.key)
         if client.can_search:
             # Searching first also survives a lost Redis: the key's tag finds the incident.
             ref = self._find_open(action.key)
-        elif mark.decision == "reconcile":
+        elif mark.decision in {"reconcile", "reclaimed"}:
             policy = self.settings.itsm_ambiguous_create
             if policy != "create":
                 raise AmbiguousCreate(

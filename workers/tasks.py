@@ -70,6 +70,7 @@ def register(app: Celery) -> None:
         "retry_jitter": True,
         "max_retries": None,
         "ignore_result": True,
+        "shared": False,  # every app built here registers its own tasks
     }
 
     @app.task(name="bridge.intake", **common)
@@ -93,6 +94,6 @@ def register(app: Celery) -> None:
     def settle(self: Any, action: dict[str, Any]) -> str:
         return runtime_for(app).pipeline.settle(action).status
 
-    @app.task(name="bridge.noop", bind=True, acks_late=True, ignore_result=True)
+    @app.task(name="bridge.noop", bind=True, acks_late=True, ignore_result=True, shared=False)
     def noop(self: Any, message: Any = None) -> None:
         """The benchmark's floor: a task that does nothing on the same settings."""

@@ -259,3 +259,10 @@ def test_batch_of_one_message_is_decided_in_order(store):
         Decision.WAIT_FOR_CREATOR,
         Decision.PENDING_RESOLVE,
     ]
+
+
+def test_create_action_whose_state_was_lost_reclaims_the_key(store, redis_conn):
+    store.decide(alert(), "owner")
+    redis_conn.delete(store.state_key("k1"))
+    assert store.mark_inflight("k1", "owner").decision == "reclaimed"
+    assert store.record_created("k1", "owner", 3, "INC-3").decision == "open"
