@@ -8,6 +8,7 @@ the same process uses the real services.
 from __future__ import annotations
 
 import secrets
+import sys
 from typing import Any
 
 import structlog
@@ -67,6 +68,21 @@ def run_bridge(settings: Settings, *, concurrency: int = 4) -> None:
         redis=settings.redis_url or "in-process",
         ingest=f"http://{settings.http_host}:{settings.http_port}" if ingest else "off",
     )
+    if ingest is not None:
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        print(
+            "\nThe bridge is running. Send it an alert:\n"
+            f"  curl -H 'Content-Type: application/json' --data @alert.json "
+            f"{base}/api/v1/alerts/alertmanager\n"
+            + (
+                f"Incidents (built-in ITSM simulator): {settings.itsm_url}/_sim/state\n"
+                if sim
+                else ""
+            )
+            + "Stop with Ctrl-C.\n",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         app.worker_main(
             argv=[
