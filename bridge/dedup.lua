@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  state hash of the incident key
 -- KEYS[2]  set of firing member identities (group_by mode; unused in identity mode)
--- ARGV[1]  operation: decide | created | inflight | release | settle | recreate
+-- ARGV[1]  operation: decide | created | inflight | not_applied | release | settle | recreate
 -- ARGV[2]  now (seconds, float)
 -- ARGV[3]  token: names the alert occurrence (or action) doing the step
 -- ARGV[4]  ttl of the state (seconds)
@@ -193,6 +193,12 @@ elseif op == 'inflight' then
   local earlier = s.inf
   save({inf = token})
   return reply(earlier and 'reconcile' or 'first')
+
+elseif op == 'not_applied' then
+  -- the ITSM said for certain the create was not applied (a transient refusal): the next
+  -- attempt need not reconcile
+  if s.ph == 'c' and s.inf == token then save({inf = false}) end
+  return reply('cleared')
 
 elseif op == 'release' then
   -- a create was given up (dead-lettered): forget the claim so the next alert may create

@@ -175,6 +175,10 @@ class StateStore:
         """
         return Outcome.from_reply(self._run("inflight", key, token))
 
+    def mark_not_applied(self, key: str, token: str) -> None:
+        """The create was refused for certain (nothing applied): no reconcile needed next time."""
+        self._run("not_applied", key, token)
+
     def record_created(
         self, key: str, token: str, incident_id: int, display: str | None
     ) -> Outcome:

@@ -24,7 +24,13 @@ from bridge import keys, sources
 from bridge.alert import Alert, Severity
 from bridge.dedup import Decision, Outcome, StateStore
 from bridge.dlq import DeadLetter, DeadLetterStore, Reason
-from bridge.itsm.errors import AmbiguousError, AuthError, ItsmError, PermanentError
+from bridge.itsm.errors import (
+    AmbiguousError,
+    AuthError,
+    ItsmError,
+    PermanentError,
+    TransientError,
+)
 from bridge.itsm.model import Incident, IncidentRef
 from bridge.retry import RetryPolicy, next_delay
 
@@ -372,7 +378,12 @@ class Pipeline:
                     draft,
                     description=f"Relapse of {previous}.\n\n{draft.description}",
                 )
-            ref = client.create(draft, action.key)
+            try:
+                ref = client.create(draft, action.key)
+            except (TransientError, AuthError, PermanentError):
+                # refused for certain: nothing was applied, so no reconcile next time
+                self.store.mark_not_applied(action.key, action.token)
+                raise
         recorded = self.store.record_created(action.key, action.token, ref.id, ref.display)
         verb = "adopted" if adopted else "created"
         log.info(f"{verb} {ref}", key=action.key, incident_id=ref.id, incident=str(ref))

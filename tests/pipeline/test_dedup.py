@@ -266,3 +266,10 @@ def test_create_action_whose_state_was_lost_reclaims_the_key(store, redis_conn):
     redis_conn.delete(store.state_key("k1"))
     assert store.mark_inflight("k1", "owner").decision == "reclaimed"
     assert store.record_created("k1", "owner", 3, "INC-3").decision == "open"
+
+
+def test_a_create_refused_for_certain_needs_no_reconcile(store):
+    store.decide(alert(), "owner")
+    store.mark_inflight("k1", "owner")
+    store.mark_not_applied("k1", "owner")
+    assert store.mark_inflight("k1", "owner").decision == "first"
