@@ -485,6 +485,9 @@ class IngestApp:
         except sources.InvalidPayload as exc:
             raise _Reject(400, "invalid_payload", str(exc), exc.field) from None
         _check_limits(fmt, payload, alerts, self._limits)
+        if fmt == "pagerduty" and alerts and not payload.get("dedup_key"):
+            # The key generated here is the one the sender is told: the worker must use it too.
+            payload = {**payload, "dedup_key": alerts[0].identity}
         message = envelope(fmt, payload)
         if alerts:
             self._publish_or_503(fmt, message)

@@ -68,6 +68,16 @@ def test_without_dedup_key_the_generated_key_comes_back(ingest, broker):
     assert response.json()["dedup_key"]
 
 
+def test_the_generated_key_travels_with_the_event_to_the_workers(ingest, broker):
+    event = pagerduty_event()
+    del event["dedup_key"]
+
+    response = requests.post(ingest.url + ENQUEUE, json=event, timeout=5)
+
+    (message,) = broker.messages()
+    assert message["payload"]["dedup_key"] == response.json()["dedup_key"]
+
+
 def test_resolve_with_the_returned_key_is_accepted(ingest, broker):
     first = requests.post(ingest.url + ENQUEUE, json=pagerduty_event(), timeout=5)
     key = first.json()["dedup_key"]
