@@ -446,6 +446,24 @@ def itsm_sim(host, port, flavor, latency, client_id, client_secret, username, pa
     )
 
 
+@main.command(
+    "bench",
+    context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("bench_args", nargs=-1, type=click.UNPROCESSED)
+def bench(bench_args: tuple[str, ...]) -> None:
+    """Measure the bridge against its own limits (see `bridge bench --help`).
+
+    \b
+    Example:
+      bridge bench --quick --json bench.json
+    """
+    from bridge.bench import main as bench_main
+
+    sys.exit(bench_main(list(bench_args)))
+
+
 # ------------------------------------------------------------------ config
 
 
