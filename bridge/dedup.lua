@@ -8,7 +8,9 @@
 -- ARGV[4]  ttl of the state (seconds)
 -- decide:   ARGV[5] status, ARGV[6] severity rank, ARGV[7] update interval, ARGV[8] reopen
 --           window, ARGV[9] claim lease, ARGV[10] flap threshold, ARGV[11] flap window,
---           ARGV[12] member identity ("" = identity mode)
+--           ARGV[12] member identity ("" = identity mode), ARGV[13] content digest of the
+--           alert (summary, description, severity), ARGV[14] "1" when the source re-sends
+--           snapshots (Alertmanager, Grafana): an unchanged snapshot is not an occurrence
 -- created:  ARGV[5] incident id, ARGV[6] display number
 -- settle:   ARGV[5] the hold timestamp the settle was scheduled for
 --
@@ -21,6 +23,7 @@
 --   ws/ps severity rank written / peak seen      ra resolved at
 --   pr resolve pending while creating           fc/fs flap cycles and window start
 --   fl flapping (1)                              hr resolve held while flapping (timestamp)
+--   ch content digest last seen
 
 local st, members = KEYS[1], KEYS[2]
 local op, now, token, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -69,6 +72,7 @@ if op == 'decide' then
   local status, sev = ARGV[5], tonumber(ARGV[6])
   local interval, window, lease = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   local flap_n, flap_win, member = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
+  local digest, snapshot = ARGV[13], ARGV[14] == '1'
 
   if s.tok == token then return reply(s.dec) end
 
@@ -94,7 +98,8 @@ if op == 'decide' then
   if not ph then
     -- none + firing: claim before create, so no other worker can create too
     if status ~= 'firing' then return reply('ignore_orphan') end
-    return transition('create', {ph = 'c', cl = token, ca = now, n = 0, ws = sev, ps = sev})
+    return transition('create', {ph = 'c', cl = token, ca = now, n = 0, ws = sev, ps = sev,
+                                 ch = digest})
   end
 
   if ph == 'c' then
@@ -117,8 +122,14 @@ if op == 'decide' then
 
   if ph == 'o' then
     if status == 'firing' then
+      if snapshot and s.ch == digest and not s.hr then
+        -- the same snapshot again (a repeat interval, an HA peer's copy): nothing changed,
+        -- nothing to write, not even a count
+        save({})
+        return reply('skip_unchanged')
+      end
       local n, peak = num(s.n, 0) + 1, math.max(num(s.ps, 0), sev)
-      local fields = {n = n, ps = peak}
+      local fields = {n = n, ps = peak, ch = digest}
       if n == 1 then fields.ns = now end
       if s.hr then fields.hr = false end -- a relapse while flapping cancels the held resolve
       local since = s.ns or tostring(now)
@@ -156,7 +167,7 @@ if op == 'decide' then
       if now - fs > flap_win then fs, fc = now, 0 end
       fc = fc + 1
       local fields = {ph = 'o', fs = fs, fc = fc, n = 0, ns = false, lu = now,
-                      ps = sev, ws = math.max(num(s.ws, 0), sev)}
+                      ps = sev, ws = math.max(num(s.ws, 0), sev), ch = digest}
       if fc >= flap_n and s.fl ~= '1' then
         -- many resolve/relapse cycles: reopen once, note it, and stop churning
         fields.fl = 1
@@ -166,7 +177,7 @@ if op == 'decide' then
     end
     -- past the reopen window: a new incident, linked to the previous one
     return transition('new_after_window', {
-      ph = 'c', cl = token, ca = now, n = 0, ns = false, ws = sev, ps = sev,
+      ph = 'c', cl = token, ca = now, n = 0, ns = false, ws = sev, ps = sev, ch = digest,
       pid = s.id or false, pdn = s.dn or false, id = false, dn = false,
       fl = false, fc = false, fs = false, hr = false, ra = false, pr = false, lu = false})
   end

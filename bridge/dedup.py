@@ -9,6 +9,7 @@ transition). ``decide_many`` sends all alerts of one message in one round trip.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,15 @@ from bridge.alert import Alert, Severity
 
 _SCRIPT = Path(__file__).with_name("dedup.lua").read_text()
 _SEVERITY_BY_RANK = {s.rank: s for s in Severity}
+# Sources whose every delivery is a full snapshot re-sent unchanged on a timer: an identical
+# delivery is not a new occurrence.
+SNAPSHOT_SOURCES = frozenset({"alertmanager", "grafana"})
+
+
+def content_digest(alert: Alert) -> str:
+    """A short digest of what a person reads in the incident: summary, description, severity."""
+    text = "\x1f".join((alert.summary, alert.description, alert.severity.value))
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 class Decision(enum.StrEnum):
@@ -29,6 +39,7 @@ class Decision(enum.StrEnum):
     WAIT_FOR_CREATOR = "wait_for_creator"
     PENDING_RESOLVE = "pending_resolve"
     COUNT_ONLY = "count_only"
+    SKIP_UNCHANGED = "skip_unchanged"
     COALESCED_UPDATE = "coalesced_update"
     RESOLVE = "resolve"
     HOLD_RESOLVE = "hold_resolve"
@@ -161,6 +172,8 @@ class StateStore:
                 p.flap_threshold,
                 p.flap_window_s,
                 alert.identity if p.group_mode else "",
+                content_digest(alert),
+                "1" if alert.source in SNAPSHOT_SOURCES else "0",
                 client=pipe,
             )
         return [Outcome.from_reply(r) for r in pipe.execute()[1:]]

@@ -24,6 +24,7 @@ DECISIONS = (
     "wait_for_creator",
     "pending_resolve",
     "count_only",
+    "skip_unchanged",
     "coalesced_update",
     "resolve",
     "hold_resolve",

@@ -54,7 +54,7 @@ _tokens = (f"tok-{i}" for i in itertools.count())
 
 def alert(status: Status = Status.FIRING, severity: Severity = Severity.WARNING, **kw) -> Alert:
     base = Alert(
-        source="alertmanager",
+        source="generic",
         identity="fp1",
         status=status,
         severity=severity,
@@ -273,3 +273,21 @@ def test_a_create_refused_for_certain_needs_no_reconcile(store):
     store.mark_inflight("k1", "owner")
     store.mark_not_applied("k1", "owner")
     assert store.mark_inflight("k1", "owner").decision == "first"
+
+
+def snapshot(**kw) -> Alert:
+    return alert(source="alertmanager", **kw)
+
+
+def test_an_unchanged_snapshot_is_skipped_not_counted(store, clock):
+    open_incident(store, snapshot())
+    clock.advance(POLICY.update_interval_s * 10)
+    assert [decide(store, snapshot()) for _ in range(3)] == [Decision.SKIP_UNCHANGED] * 3
+
+
+def test_a_changed_snapshot_counts_as_an_occurrence(store, clock):
+    open_incident(store, snapshot())
+    clock.advance(POLICY.update_interval_s)
+    outcome = store.decide(snapshot(summary="disk fuller"), "changed")
+    assert outcome.decision == Decision.COALESCED_UPDATE
+    assert outcome.pending_count == 1

@@ -105,6 +105,23 @@ def test_new_alert_creates_one_incident_tagged_with_its_key(so):
     assert any(t.startswith("bridge-key:") for t in incident["tags"])
 
 
+def test_three_identical_deliveries_within_a_second_cost_one_create_and_nothing_else(so):
+    for _ in range(3):
+        so.send(am_alert("a1"))
+    calls = so.sim.calls()
+    writes = calls.get("create", 0) + calls.get("update", 0) + calls.get("note", 0)
+    assert writes == 1
+    assert writes / 3 < 0.34  # ITSM writes per alert
+
+
+def test_an_unchanged_snapshot_after_the_interval_writes_nothing(so):
+    so.send(am_alert("a1"))
+    so.clock.now += so.settings.dedup_update_interval_s * 3
+    so.send(am_alert("a1"))
+    calls = so.sim.calls()
+    assert calls.get("update", 0) + calls.get("note", 0) == 0
+
+
 def test_repeats_inside_the_interval_cost_no_itsm_write(so):
     so.send(am_alert("a1"))
     before = so.sim.calls()
@@ -116,12 +133,16 @@ def test_repeats_inside_the_interval_cost_no_itsm_write(so):
     assert after.get("note", 0) == before.get("note", 0)
 
 
+def generic(key: str = "g1", **fields) -> dict:
+    return {"key": key, "status": "firing", "summary": "queue depth high", **fields}
+
+
 def test_occurrences_are_folded_into_one_note_per_interval(so):
-    so.send(am_alert("a1"))
+    so.send(generic(), fmt="generic")
     for _ in range(40):
-        so.send(am_alert("a1"))
+        so.send(generic(), fmt="generic")
     so.clock.now += so.settings.dedup_update_interval_s
-    so.send(am_alert("a1"))
+    so.send(generic(), fmt="generic")
     (incident,) = so.sim.incidents()
     assert so.sim.calls()["note"] == 1
     assert "41" in incident["notes"][0]["details"]
