@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from bridge import keys, sources
-from bridge.alert import Alert, Severity
+from bridge.alert import Alert, Severity, Status
 from bridge.dedup import Decision, Outcome, StateStore
 from bridge.dlq import DeadLetter, DeadLetterStore, Reason
 from bridge.itsm.errors import (
@@ -32,6 +32,7 @@ from bridge.itsm.errors import (
     TransientError,
 )
 from bridge.itsm.model import Incident, IncidentRef
+from bridge.keyconfig import KeyRule
 from bridge.retry import RetryPolicy, next_delay
 
 log = structlog.get_logger("bridge.pipeline")
@@ -176,6 +177,7 @@ class Pipeline:
         self._retry = RetryPolicy.from_settings(settings)
         self._release = redis.register_script(_RELEASE_LOCK)
         self._observer = observer
+        self.previous_key_rule: KeyRule | None = None
 
     @property
     def client(self) -> Any:
@@ -238,6 +240,8 @@ class Pipeline:
             return result
         tokens = [f"{message_id}:{i}" for i in range(len(alerts))]
         outcomes = self.store.decide_many(alerts, tokens)
+        if self.previous_key_rule is not None:
+            alerts, outcomes = self._retry_orphans_with_previous_rule(alerts, tokens, outcomes)
         for alert, token, outcome in zip(alerts, tokens, outcomes, strict=True):
             decision = outcome.decision
             result.decisions[decision] = result.decisions.get(decision, 0) + 1
@@ -247,6 +251,29 @@ class Pipeline:
                 result.actions += 1
         log.debug("message decided", message_id=message_id, alerts=len(alerts), **result.decisions)
         return result
+
+    def _retry_orphans_with_previous_rule(
+        self, alerts: list[Alert], tokens: list[str], outcomes: list[Outcome]
+    ) -> tuple[list[Alert], list[Outcome]]:
+        """Recoveries that found no state under the new key rule try the previous rule."""
+        rule = self.previous_key_rule
+        assert rule is not None
+        orphans = [
+            i
+            for i, (a, o) in enumerate(zip(alerts, outcomes, strict=True))
+            if o.decision == Decision.IGNORE_ORPHAN and a.status is Status.RESOLVED
+        ]
+        if not orphans:
+            return alerts, outcomes
+        old_keys = [
+            keys.with_key(alerts[i], mode=rule.mode, group_by=rule.group_by, tenant=rule.tenant)
+            for i in orphans
+        ]
+        retried = self.store.decide_many(old_keys, [f"{tokens[i]}:old" for i in orphans])
+        alerts, outcomes = list(alerts), list(outcomes)
+        for i, alert, outcome in zip(orphans, old_keys, retried, strict=True):
+            alerts[i], outcomes[i] = alert, outcome
+        return alerts, outcomes
 
     def _dead_letter_message(self, message: dict[str, Any], reason: Reason, detail: str) -> str:
         payload = message.get("payload")

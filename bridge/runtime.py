@@ -17,6 +17,7 @@ import redis as redis_lib
 
 from bridge.dedup import DedupPolicy, StateStore
 from bridge.dlq import DeadLetterStore
+from bridge.keyconfig import KeyRule, reconcile_key_rule
 from bridge.mapping import Mapper
 from bridge.pipeline import ActionSink, Pipeline
 from bridge.settings import Settings
@@ -62,6 +63,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self._on_request = on_request
+        self._observer = observer
         self.redis = redis if redis is not None else connect_redis(settings)
         self.clock = clock
         self.store = StateStore(
@@ -88,6 +90,15 @@ class Runtime:
             clock=clock,
             observer=observer,
         )
+
+    def watch_key_rule(self) -> None:
+        """Record the key rule; keep the previous one if it changed (see bridge.keyconfig)."""
+        previous = reconcile_key_rule(
+            self.redis, self.settings.redis_prefix, KeyRule.from_settings(self.settings)
+        )
+        self.pipeline.previous_key_rule = previous
+        if previous is not None and self._observer is not None:
+            self._observer("anomaly", kind="key_rule_changed")
 
     def _make_client(self) -> Any:
         from bridge.itsm.client import build_client

@@ -55,6 +55,7 @@ def runtime_for(app: Celery) -> Runtime:
                     observer=metrics.observe,
                     on_request=metrics.on_request,
                 )
+                rt.watch_key_rule()
                 _runtimes[key] = rt
     return rt
 

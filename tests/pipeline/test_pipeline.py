@@ -255,3 +255,17 @@ def test_lost_redis_state_does_not_duplicate_where_the_itsm_can_search(so, redis
     redis_client.flushdb()
     so.send(am_alert("a1"))
     assert len(so.sim.incidents()) == 1
+
+
+def test_a_changed_key_rule_keeps_resolving_incidents_opened_under_the_old_one(
+    serviceops_sim, redis_client
+):
+    before = Harness(serviceops_sim, redis_client, dedup_tenant="prod")
+    before.rt.watch_key_rule()
+    before.send(am_alert("a1"))
+    after = Harness(serviceops_sim, redis_client, dedup_tenant="production")
+    after.rt.watch_key_rule()
+    assert after.pipeline.previous_key_rule is not None
+    after.send(am_alert("a1", status="resolved"))
+    (incident,) = serviceops_sim.incidents()
+    assert status(incident) == "Resolved"
