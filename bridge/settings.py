@@ -33,30 +33,60 @@ class RoutingRule(BaseModel):
     """Alerts whose labels match every ``match`` entry (exact) get these fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    match: dict[str, str]
-    category: str | None = None
-    technician_group: str | None = None
-    requester_email: str | None = None
-    tags: tuple[str, ...] = ()
+    match: dict[str, str] = Field(
+        description="Labels the alert must carry, each with exactly this value."
+    )
+    category: str | None = Field(
+        default=None, description="Category of matching alerts' incidents."
+    )
+    technician_group: str | None = Field(
+        default=None, description="Technician group matching alerts' incidents are assigned to."
+    )
+    requester_email: str | None = Field(
+        default=None, description="Requester of matching alerts' incidents."
+    )
+    tags: tuple[str, ...] = Field(
+        default=(), description="Tags added to matching alerts' incidents."
+    )
 
 
 class MappingSettings(BaseModel):
     """How an alert becomes incident fields (see ``bridge/mapping.py``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    subject_template: str = "[{{ severity | upper }}] {{ summary }}"
-    description_template: str = (
-        "{{ description }}\n\nSource: {{ source }}\nKey: {{ key }}\n"
-        "{% for k, v in labels|dictsort %}{{ k }}={{ v }}\n{% endfor %}"
-        "{% for link in links %}{{ link }}\n{% endfor %}"
+    subject_template: str = Field(
+        default="[{{ severity | upper }}] {{ summary }}",
+        description="Jinja2 template of the incident subject (sandboxed).",
     )
-    subject_max_chars: int = Field(default=250, ge=20)
-    description_max_chars: int = Field(default=32000, ge=100)
-    truncation_marker: str = " …[truncated]"
-    category: str = "Incident"
-    requester_email: str = "alerts@example.com"
-    technician_group: str | None = None
-    tags: tuple[str, ...] = ("alert-bridge",)
+    description_template: str = Field(
+        default=(
+            "{{ description }}\n\nSource: {{ source }}\nKey: {{ key }}\n"
+            "{% for k, v in labels|dictsort %}{{ k }}={{ v }}\n{% endfor %}"
+            "{% for link in links %}{{ link }}\n{% endfor %}"
+        ),
+        description="Jinja2 template of the incident description (sandboxed).",
+    )
+    subject_max_chars: int = Field(
+        default=250, ge=20, description="Subjects are cut to this many characters."
+    )
+    description_max_chars: int = Field(
+        default=32000, ge=100, description="Descriptions are cut to this many characters."
+    )
+    truncation_marker: str = Field(
+        default=" …[truncated]", description="Appended where a subject or description was cut."
+    )
+    category: str = Field(default="Incident", description="Incident category.")
+    requester_email: str = Field(
+        default="alerts@example.com", description="Requester of every incident (an ITSM user)."
+    )
+    technician_group: str | None = Field(
+        default=None,
+        description="Technician group incidents are assigned to; empty = the ITSM's default.",
+    )
+    tags: tuple[str, ...] = Field(
+        default=("alert-bridge",),
+        description="Tags on every incident (the bridge adds bridge-key:<key> itself).",
+    )
     # severity -> (priority, urgency, impact) in the bridge's flavour-neutral words
     # LOW | MEDIUM | HIGH | URGENT and LOW | ON_USER | ON_DEPARTMENT | ON_BUSINESS.
     severity_priority: dict[str, str] = Field(
@@ -65,7 +95,8 @@ class MappingSettings(BaseModel):
             "error": "HIGH",
             "warning": "MEDIUM",
             "info": "LOW",
-        }
+        },
+        description="severity -> priority: LOW | MEDIUM | HIGH | URGENT.",
     )
     severity_urgency: dict[str, str] = Field(
         default_factory=lambda: {
@@ -73,7 +104,8 @@ class MappingSettings(BaseModel):
             "error": "HIGH",
             "warning": "MEDIUM",
             "info": "LOW",
-        }
+        },
+        description="severity -> urgency: LOW | MEDIUM | HIGH | URGENT.",
     )
     severity_impact: dict[str, str] = Field(
         default_factory=lambda: {
@@ -81,10 +113,18 @@ class MappingSettings(BaseModel):
             "error": "ON_DEPARTMENT",
             "warning": "ON_USER",
             "info": "LOW",
-        }
+        },
+        description="severity -> impact: LOW | ON_USER | ON_DEPARTMENT | ON_BUSINESS.",
     )
-    custom_fields: dict[str, str] = Field(default_factory=dict)
-    routes: tuple[RoutingRule, ...] = ()
+    custom_fields: dict[str, str] = Field(
+        default_factory=dict, description="Custom field label -> Jinja2 template of its value."
+    )
+    routes: tuple[RoutingRule, ...] = Field(
+        default=(),
+        description=(
+            "Routing rules ([[mapping.routes]]): the first whose labels all match sets its fields."
+        ),
+    )
 
 
 class Settings(BaseModel):
@@ -93,72 +133,247 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # [itsm]
-    itsm_url: str = ""
-    itsm_flavor: Literal["itsm", "serviceops"] = "itsm"
-    itsm_client_id: str = ""
-    itsm_client_secret: SecretStr = SecretStr("")
-    itsm_username: str = ""
-    itsm_password: SecretStr = SecretStr("")
-    itsm_api_key: SecretStr = SecretStr("")
-    itsm_connect_timeout_s: float = Field(default=3.05, gt=0)
-    itsm_read_timeout_s: float = Field(default=30.0, gt=0)
-    itsm_verify_tls: bool = True
-    itsm_ca_bundle: str = ""
-    itsm_pool_size: int = Field(default=16, ge=1, le=512)
-    itsm_token_margin_s: float = Field(default=60.0, ge=0)
-    itsm_resolved_status: str = "Resolved"
-    itsm_reopen_status: str = "Open"
-    itsm_closed_statuses: tuple[str, ...] = ("Closed", "Cancelled", "Won't Fix")
-    itsm_key_custom_field: str = ""
-    itsm_ambiguous_create: Literal["search", "dead-letter", "create"] = "search"
+    itsm_url: str = Field(
+        default="",
+        description=(
+            "Base URL of the ITSM (https://servicedesk.example.com); empty = the built-in "
+            "simulator (bridge run)."
+        ),
+    )
+    itsm_flavor: Literal["itsm", "serviceops"] = Field(
+        default="itsm",
+        description=(
+            'API generation: "itsm" (the 2018 /api/v1/incident API) or "serviceops" '
+            "(/api/v1/request)."
+        ),
+    )
+    itsm_client_id: str = Field(
+        default="", description='OAuth2 client id of the ITSM\'s "Rest API Client" registration.'
+    )
+    itsm_client_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="OAuth2 client secret; set through the environment or *_FILE, never in a file.",
+    )
+    itsm_username: str = Field(
+        default="", description="ITSM user the bridge acts as (a dedicated user is best)."
+    )
+    itsm_password: SecretStr = Field(
+        default=SecretStr(""),
+        description="Password of that user; used only when a new token is granted.",
+    )
+    itsm_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="API key used instead of OAuth2 tokens, where the ITSM issues one.",
+    )
+    itsm_connect_timeout_s: float = Field(
+        default=3.05, gt=0, description="TCP connect timeout of every ITSM call, in seconds."
+    )
+    itsm_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Read timeout of every ITSM call; a create that times out here is ambiguous.",
+    )
+    itsm_verify_tls: bool = Field(
+        default=True,
+        description=(
+            "Verify the ITSM's TLS certificate (switching it off is logged at every start)."
+        ),
+    )
+    itsm_ca_bundle: str = Field(default="", description="Path of a PEM bundle for a private CA.")
+    itsm_pool_size: int = Field(
+        default=16, ge=1, le=512, description="HTTP keep-alive connections kept per worker process."
+    )
+    itsm_token_margin_s: float = Field(
+        default=60.0, ge=0, description="Renew the access token this long before it expires."
+    )
+    itsm_resolved_status: str = Field(
+        default="Resolved", description="Status written when an alert recovers."
+    )
+    itsm_reopen_status: str = Field(
+        default="Open",
+        description="Status written when an alert relapses inside the reopen window.",
+    )
+    itsm_closed_statuses: tuple[str, ...] = Field(
+        default=("Closed", "Cancelled", "Won't Fix"),
+        description="Statuses that mean a person closed the incident: never reopened.",
+    )
+    itsm_key_custom_field: str = Field(
+        default="",
+        description="serviceops: label of a custom field that also stores the incident key.",
+    )
+    itsm_ambiguous_create: Literal["search", "dead-letter", "create"] = Field(
+        default="search",
+        description=(
+            'When a create may have been applied: "search" by key tag first (dead-letter where the'
+            ' API cannot search), "dead-letter" for an operator, or "create" (may duplicate).'
+        ),
+    )
 
     # [redis] / [broker]
-    redis_url: str = ""
-    redis_prefix: str = "bridge"
-    broker_url: str = ""
-    broker_visibility_timeout_s: int = Field(default=3600, ge=60)
+    redis_url: str = Field(
+        default="",
+        description=(
+            "Redis for state, token cache and dead letters; empty = in-process fakeredis (bridge "
+            "run)."
+        ),
+    )
+    redis_prefix: str = Field(
+        default="bridge", description="Prefix of every Redis key the bridge writes."
+    )
+    broker_url: str = Field(
+        default="",
+        description=(
+            "Celery broker: redis://... or amqp://user:pass@host:5672/vhost; empty = in-memory."
+        ),
+    )
+    broker_visibility_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        description=(
+            "Redis broker: an unacked message returns after this long; must exceed the longest "
+            "task and retry delay."
+        ),
+    )
 
     # [dedup]
-    dedup_key_mode: Literal["identity", "group_by"] = "identity"
-    dedup_group_by: tuple[str, ...] = ("alertname",)
-    dedup_tenant: str = "default"
-    dedup_update_interval_s: int = Field(default=300, ge=0)
-    dedup_reopen_window_s: int = Field(default=3600, ge=0)
-    dedup_on_resolve: Literal["resolve", "note", "nothing"] = "resolve"
-    dedup_flap_threshold: int = Field(default=4, ge=2)
-    dedup_flap_window_s: int = Field(default=1800, ge=1)
-    dedup_flap_quiet_s: int = Field(default=600, ge=1)
-    dedup_state_ttl_s: int = Field(default=7 * 86400, ge=60)
-    dedup_claim_lease_s: int = Field(default=120, ge=5)
-    dedup_lock_lease_s: int = Field(default=90, ge=5)
-    dedup_note_occurrences: bool = True
+    dedup_key_mode: Literal["identity", "group_by"] = Field(
+        default="identity",
+        description=(
+            '"identity": the source\'s own id (fingerprint, dedup_key, key); "group_by": a hash of '
+            "dedup.group_by labels."
+        ),
+    )
+    dedup_group_by: tuple[str, ...] = Field(
+        default=("alertname",),
+        description="Labels whose values make the key in group_by mode (one incident per group).",
+    )
+    dedup_tenant: str = Field(
+        default="default",
+        description=(
+            "Environment or tenant name; part of every key, so TEST and PROD never share an "
+            "incident."
+        ),
+    )
+    dedup_update_interval_s: int = Field(
+        default=300,
+        ge=0,
+        description='At most one "N more occurrences" update per incident per interval.',
+    )
+    dedup_reopen_window_s: int = Field(
+        default=3600,
+        ge=0,
+        description="A relapse within this time of resolution reopens the same incident.",
+    )
+    dedup_on_resolve: Literal["resolve", "note", "nothing"] = Field(
+        default="resolve",
+        description='What a recovery does: "resolve", "note" (a note only) or "nothing".',
+    )
+    dedup_flap_threshold: int = Field(
+        default=4,
+        ge=2,
+        description="This many resolve/relapse cycles within flap_window_s count as flapping.",
+    )
+    dedup_flap_window_s: int = Field(
+        default=1800, ge=1, description="Window in which flap_threshold cycles mean flapping."
+    )
+    dedup_flap_quiet_s: int = Field(
+        default=600,
+        ge=1,
+        description="A flapping incident is resolved once it stays resolved this long.",
+    )
+    dedup_state_ttl_s: int = Field(
+        default=7 * 86400,
+        ge=60,
+        description="Per-key state expires after this long without activity.",
+    )
+    dedup_claim_lease_s: int = Field(
+        default=120,
+        ge=5,
+        description="A create claim older than this is presumed dead and taken over.",
+    )
+    dedup_lock_lease_s: int = Field(
+        default=90,
+        ge=5,
+        description=(
+            "One ITSM action per key at a time; the lock lease must exceed connect + read timeout."
+        ),
+    )
+    dedup_note_occurrences: bool = Field(
+        default=True,
+        description='Write "N more occurrences" notes (at most one per update interval).',
+    )
 
     # [retry]
-    retry_max_attempts: int = Field(default=8, ge=1)
-    retry_max_age_s: int = Field(default=3600, ge=1)
-    retry_base_delay_s: float = Field(default=1.0, gt=0)
-    retry_max_delay_s: float = Field(default=300.0, gt=0)
-    retry_after_cap_s: float = Field(default=300.0, gt=0)
+    retry_max_attempts: int = Field(
+        default=8, ge=1, description="Attempts per ITSM action before it is dead-lettered."
+    )
+    retry_max_age_s: int = Field(
+        default=3600, ge=1, description="... or once the alert is this old, in seconds."
+    )
+    retry_base_delay_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Exponential backoff with full jitter: up to base * 2^attempt seconds.",
+    )
+    retry_max_delay_s: float = Field(
+        default=300.0, gt=0, description="Longest backoff between two attempts, in seconds."
+    )
+    retry_after_cap_s: float = Field(
+        default=300.0, gt=0, description="Never wait longer than this for a server's Retry-After."
+    )
 
     # [dlq]
-    dlq_max_entries: int = Field(default=100_000, ge=100)
+    dlq_max_entries: int = Field(
+        default=100_000,
+        ge=100,
+        description="The dead-letter store is trimmed, oldest first, beyond this many entries.",
+    )
 
     # [http]
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(default=8080, ge=0, le=65535)
-    ingest_tokens: SecretStr = SecretStr("")
-    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    http_max_alerts: int = Field(default=1000, ge=1)
+    http_host: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Ingest listen address (also the worker's /metrics); anything but loopback requires "
+            "ingest tokens."
+        ),
+    )
+    http_port: int = Field(default=8080, ge=0, le=65535, description="Ingest listen port.")
+    ingest_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description=(
+            "Bearer tokens of the ingest, comma-separated; token:source binds a token to one "
+            "source."
+        ),
+    )
+    http_max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest request body the ingest accepts."
+    )
+    http_max_alerts: int = Field(default=1000, ge=1, description="Most alerts in one request.")
 
     # [worker]
-    worker_concurrency: int = Field(default=2, ge=1)
-    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)
+    worker_concurrency: int = Field(
+        default=2, ge=1, description="Pool processes per bridge worker."
+    )
+    worker_metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="Port of the worker's /metrics (summed over its processes); 0 = off.",
+    )
 
     # [log]
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description='"json", "console", or "auto" (console on a terminal, JSON otherwise).',
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Lowest level logged."
+    )
 
-    mapping: MappingSettings = Field(default_factory=MappingSettings)
+    mapping: MappingSettings = Field(
+        default_factory=MappingSettings,
+        description="How an alert becomes incident fields (the [mapping] section).",
+    )
 
     @field_validator("itsm_url", "redis_url", "broker_url")
     @classmethod
