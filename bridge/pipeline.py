@@ -24,6 +24,7 @@ from bridge import keys, sources
 from bridge.alert import Alert, Severity, Status
 from bridge.dedup import Decision, Outcome, StateStore
 from bridge.dlq import DeadLetter, DeadLetterStore, Reason
+from bridge.itsm.client import key_tag
 from bridge.itsm.errors import (
     AmbiguousError,
     AuthError,
@@ -475,6 +476,12 @@ class Pipeline:
     def _reopen(self, action: Action, ref: IncidentRef, *, flapping: bool) -> ActionResult:
         client = self.client
         incident = client.get(ref)
+        if key_tag(action.key) not in incident.tags:
+            # Someone removed or changed the key tag, or the id now names another record.
+            log.warning(
+                "anomaly: incident does not carry its key", key=action.key, incident=str(ref)
+            )
+            self._observe("anomaly", kind="key_mismatch")
         closed = {s.lower() for s in self.settings.itsm_closed_statuses}
         if incident.status.lower() in closed:
             # A person's decision wins: never reopen it; open a new one that points back.
