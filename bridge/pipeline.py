@@ -43,6 +43,8 @@ _CREATES = frozenset({Decision.CREATE, Decision.TAKEOVER, Decision.NEW_AFTER_WIN
 URGENT = "urgent"
 UPDATES = "updates"
 _MAX_STORED_PAYLOAD = 256 * 1024
+# A message redelivered this often (its worker died each time) is dead-lettered as poison.
+POISON_DELIVERIES = 5
 
 
 def envelope(fmt: str, payload: Any, *, received_at: float | None = None) -> dict[str, Any]:
@@ -218,9 +220,24 @@ class Pipeline:
             for a in alerts
         ]
 
-    def intake(self, message: dict[str, Any], message_id: str) -> IntakeResult:
+    def _too_many_deliveries(self, message_id: str) -> bool:
+        """Count a redelivery; True once a message keeps coming back (it kills its worker)."""
+        key = f"{self.settings.redis_prefix}:deliveries:{message_id}"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 86400)
+        count = int(pipe.execute()[0])
+        return count > POISON_DELIVERIES
+
+    def intake(
+        self, message: dict[str, Any], message_id: str, *, redelivered: bool = False
+    ) -> IntakeResult:
         """Decide every alert of one message and submit the actions they need."""
         result = IntakeResult()
+        if redelivered and self._too_many_deliveries(message_id):
+            detail = f"delivered more than {POISON_DELIVERIES} times; it stops its worker"
+            result.dead_letter = self._dead_letter_message(message, Reason.POISON, detail)
+            return result
         fmt = str(message.get("format", ""))
         received_at = float(message.get("received_at") or self._clock())
         try:
@@ -299,10 +316,15 @@ class Pipeline:
 
     # --------------------------------------------------------------- actions
 
-    def run_action(self, data: dict[str, Any]) -> ActionResult:
+    def run_action(
+        self, data: dict[str, Any], *, message_id: str = "", redelivered: bool = False
+    ) -> ActionResult:
         """Perform one action; reschedule or dead-letter it when the ITSM fails."""
         action = Action.from_dict(data)
         bound = log.bind(key=action.key, decision=action.decision, attempt=action.attempt + 1)
+        if redelivered and message_id and self._too_many_deliveries(message_id):
+            detail = f"delivered more than {POISON_DELIVERIES} times; it stops its worker"
+            return self._give_up(action, Reason.POISON, detail, bound)
         try:
             result = self.perform(action)
         except KeyBusy:

@@ -60,6 +60,12 @@ def runtime_for(app: Celery) -> Runtime:
     return rt
 
 
+def _redelivered(task: Any) -> bool:
+    """Both brokers flag a message handed out again after its worker died."""
+    info = task.request.delivery_info or {}
+    return bool(info.get("redelivered"))
+
+
 def register(app: Celery) -> None:
     common: dict[str, Any] = {
         "bind": True,
@@ -78,7 +84,9 @@ def register(app: Celery) -> None:
     def intake(self: Any, message: dict[str, Any]) -> dict[str, Any]:
         structlog.contextvars.bind_contextvars(task_id=self.request.id)
         try:
-            result = runtime_for(app).pipeline.intake(message, self.request.id)
+            result = runtime_for(app).pipeline.intake(
+                message, self.request.id, redelivered=_redelivered(self)
+            )
             return {"alerts": result.alerts, "actions": result.actions}
         finally:
             structlog.contextvars.clear_contextvars()
@@ -87,7 +95,13 @@ def register(app: Celery) -> None:
     def act(self: Any, action: dict[str, Any]) -> str:
         structlog.contextvars.bind_contextvars(task_id=self.request.id, key=action.get("key"))
         try:
-            return runtime_for(app).pipeline.run_action(action).status
+            return (
+                runtime_for(app)
+                .pipeline.run_action(
+                    action, message_id=self.request.id, redelivered=_redelivered(self)
+                )
+                .status
+            )
         finally:
             structlog.contextvars.clear_contextvars()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from bridge.dlq import Reason
-from bridge.pipeline import Action, envelope
+from bridge.pipeline import POISON_DELIVERIES, Action, envelope
 from bridge.runtime import Runtime
 from bridge.settings import load_settings
 from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
@@ -269,3 +269,13 @@ def test_a_changed_key_rule_keeps_resolving_incidents_opened_under_the_old_one(
     after.send(am_alert("a1", status="resolved"))
     (incident,) = serviceops_sim.incidents()
     assert status(incident) == "Resolved"
+
+
+def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_as_poison(so):
+    message = envelope("alertmanager", am_payload([am_alert("p1")]))
+    for _ in range(POISON_DELIVERIES):
+        so.pipeline.intake(message, "poison-1", redelivered=True)
+    assert so.rt.dlq.count() == 0
+    so.pipeline.intake(message, "poison-1", redelivered=True)
+    (entry,) = so.rt.dlq.list()
+    assert entry.reason == Reason.POISON
