@@ -234,9 +234,11 @@ def _filters(f: Any) -> Any:
     )(f)
 
 
-def _select(rt: Any, reason: Any, source: Any, key: Any, older: Any, newer: Any) -> list[Any]:
+def _select(
+    rt: Any, reason: Any, source: Any, key: Any, older: Any, newer: Any, limit: int | None = None
+) -> list[Any]:
     entries: list[Any] = rt.dlq.list(
-        reason=reason, source=source, key=key, older_than_s=older, newer_than_s=newer
+        reason=reason, source=source, key=key, older_than_s=older, newer_than_s=newer, limit=limit
     )
     return entries
 
@@ -250,17 +252,27 @@ def _age(seconds: float) -> str:
 
 @dlq.command("list", context_settings=CONTEXT)
 @_filters
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Show at most N entries (the oldest).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-def dlq_list(ctx: click.Context, reason, source, key, older_than, newer_than, as_json) -> None:
-    """List dead letters, oldest first.
+def dlq_list(
+    ctx: click.Context, reason, source, key, older_than, newer_than, limit, as_json
+) -> None:
+    """List dead letters, oldest first, as a table (or JSON lines).
 
     \b
     Example:
       bridge dlq list --reason itsm_rejected --older-than 3600
+      bridge dlq list --limit 20
+      bridge dlq list --json | jq -r .key
     """
     rt = _runtime(ctx)
-    entries = _select(rt, reason, source, key, older_than, newer_than)
+    entries = _select(rt, reason, source, key, older_than, newer_than, limit)
     if as_json:
         for entry in entries:
             click.echo(orjson.dumps(entry.to_dict()).decode())
@@ -287,7 +299,11 @@ def dlq_list(ctx: click.Context, reason, source, key, older_than, newer_than, as
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
         click.echo("  ".join([*cells, row[-1]]))
-    click.echo(f"\n{len(entries)} dead letter(s)")
+    total = rt.dlq.count()
+    if limit is not None and len(entries) == limit and total > limit:
+        click.echo(f"\n{len(entries)} dead letter(s) shown, {total} in the store")
+    else:
+        click.echo(f"\n{len(entries)} dead letter(s)")
 
 
 @dlq.command("show", context_settings=CONTEXT)
@@ -407,6 +423,7 @@ def itsm_check(ctx: click.Context) -> None:
     from bridge.itsm.check import check_itsm
 
     settings = _settings(ctx)
+    _setup_logging(settings)
     if not settings.itsm_url:
         raise click.ClickException("BRIDGE_ITSM_URL is not set: there is no ITSM to check")
     result = check_itsm(settings)
@@ -482,36 +499,171 @@ def config() -> None:
 def config_check(ctx: click.Context) -> None:
     """Validate the configuration; exit non-zero naming the key at fault.
 
+    Reads the same sources as every other command (config/bridge.toml, the file given
+    by --config or BRIDGE_CONFIG, BRIDGE_* variables and *_FILE secrets), then checks
+    the mapping templates, the ingest tokens and the timeouts against each other.
+    Nothing is contacted: use `bridge itsm check` and `bridge status` for that.
+
     \b
     Example:
+      bridge --config /etc/bridge.toml config check
       BRIDGE_CONFIG=/etc/bridge.toml bridge config check
     """
     settings = _settings(ctx)
-    from bridge.mapping import Mapper, MappingError
-
-    try:
-        Mapper(settings.mapping)
-    except MappingError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from None
+    problems = _config_problems(settings)
+    if problems:
+        for problem in problems:
+            click.echo(f"configuration error: {problem}", err=True)
+        ctx.exit(1)
     click.echo("configuration is valid")
 
 
+def _config_problems(settings: Settings) -> list[str]:
+    """What the settings model alone cannot see: templates, token sources, lease vs timeouts."""
+    from bridge.mapping import Mapper, MappingError
+
+    problems = []
+    try:
+        Mapper(settings.mapping)
+    except MappingError as exc:
+        problems.append(f"[mapping] {exc}")
+    from bridge.ingest import SOURCES
+    from bridge.settings import parse_ingest_tokens
+
+    sources = {src for _, src in parse_ingest_tokens(settings.ingest_tokens.get_secret_value())}
+    unknown = sorted(src for src in sources if src is not None and src not in SOURCES)
+    if unknown:
+        problems.append(
+            f"[ingest] tokens (BRIDGE_INGEST_TOKENS): unknown source {', '.join(unknown)}"
+            f" (expected one of {', '.join(SOURCES)})"
+        )
+    longest_call = settings.itsm_connect_timeout_s + settings.itsm_read_timeout_s
+    if settings.dedup_lock_lease_s <= longest_call:
+        # A lease shorter than one ITSM call lets a second action on the key start meanwhile.
+        problems.append(
+            f"[dedup] lock_lease_s (BRIDGE_DEDUP_LOCK_LEASE_S): {settings.dedup_lock_lease_s} s"
+            f" must exceed itsm.connect_timeout_s + itsm.read_timeout_s ({longest_call:g} s)"
+        )
+    return problems
+
+
+def _masked(name: str, value: Any, settings: Settings) -> Any:
+    from bridge.settings import SECRET_FIELDS
+    from bridge.status import display_url
+
+    if name in SECRET_FIELDS:
+        return "********" if getattr(settings, name).get_secret_value() else ""
+    if name.endswith("_url") and isinstance(value, str):
+        return display_url(value)  # a broker URL may carry a password
+    return value
+
+
 @config.command("show", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of TOML.")
 @click.pass_context
-def config_show(ctx: click.Context) -> None:
-    """Print the effective settings as TOML-like lines, secrets masked.
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the effective settings as TOML, secrets and URL passwords masked.
 
     \b
     Example:
       bridge config show
+      BRIDGE_CONFIG=/etc/bridge.toml bridge config show --json
     """
+    from bridge.config_doc import section_of
+
     settings = _settings(ctx)
-    for name, value in settings.model_dump(exclude={"mapping"}).items():
-        if name in {"itsm_client_secret", "itsm_password", "itsm_api_key", "ingest_tokens"}:
-            raw = getattr(settings, name).get_secret_value()
-            value = "********" if raw else ""
-        click.echo(f"{name} = {orjson.dumps(value, default=str).decode()}")
-    click.echo(f"mapping = {orjson.dumps(settings.mapping.model_dump(), default=str).decode()}")
+    values = {
+        name: _masked(name, value, settings)
+        for name, value in settings.model_dump(exclude={"mapping"}).items()
+    }
+    mapping = settings.mapping.model_dump()
+    if as_json:
+        click.echo(orjson.dumps({**values, "mapping": mapping}, default=str).decode())
+        return
+    current = None
+    for name, value in values.items():
+        section, key = section_of(name)
+        if section != current:
+            click.echo(f"{'' if current is None else chr(10)}[{section}]")
+            current = section
+        click.echo(f"{key} = {_toml(value)}")
+    click.echo("\n[mapping]")
+    for key, value in mapping.items():
+        if key != "routes":
+            click.echo(f"{key} = {_toml(value)}")
+    for route in mapping.get("routes", ()):
+        click.echo("\n[[mapping.routes]]")
+        for key, value in route.items():
+            if value not in (None, (), []):
+                click.echo(f"{key} = {_toml(value)}")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if value is None:
+        return '""'
+    return orjson.dumps(value).decode()
+
+
+# ------------------------------------------------------------------ status
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=3.0,
+    show_default=True,
+    help="Seconds each broker and Redis probe may take.",
+)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Check the broker, Redis and the ITSM; show queue depths and dead letters.
+
+    Exits 1 when any of them is unreachable (or not configured), 0 otherwise; waiting
+    messages and dead letters are reported, not judged.
+
+    \b
+    Example:
+      bridge status
+      bridge status --json | jq .queues
+    """
+    import redis as redis_lib
+
+    from bridge.dlq import DeadLetterStore
+    from bridge.itsm.check import check_itsm
+    from bridge.status import collect_status, render_text
+    from workers.app import INTAKE_QUEUE, UPDATES_QUEUE, URGENT_QUEUE
+
+    settings = _settings(ctx)
+    _setup_logging(settings)  # the ITSM check may log: through the redacting pipeline
+    redis: Any = None
+    if settings.redis_url:
+        redis = redis_lib.Redis.from_url(
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+    dlq = DeadLetterStore(redis, prefix=settings.redis_prefix, clock=time.time)
+    result = collect_status(
+        settings,
+        queues=(INTAKE_QUEUE, URGENT_QUEUE, UPDATES_QUEUE),
+        redis=redis,
+        dlq=dlq,
+        itsm_check=check_itsm,
+        timeout=timeout,
+    )
+    if redis is not None:
+        redis.close()
+    if as_json:
+        click.echo(orjson.dumps(result.to_dict()).decode())
+    else:
+        click.echo(render_text(result))
+    ctx.exit(0 if result.ok else 1)
 
 
 if __name__ == "__main__":
