@@ -12,6 +12,7 @@ readiness check as arguments, so tests drive it against a real broker.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -396,6 +397,7 @@ class IngestApp:
         self._readiness = readiness
         self._limits = limits or Limits.from_settings(settings)
         self._tokens = _Tokens(parse_ingest_tokens(settings.ingest_tokens.get_secret_value()))
+        self._grafana_secret = settings.ingest_grafana_hmac_secret.get_secret_value().encode()
         self._buckets = _Buckets(rate_limits or {}, clock)
         self._clock = clock
         self._warnings = (
@@ -464,6 +466,8 @@ class IngestApp:
         if not _is_json(environ.get("CONTENT_TYPE", "")):
             raise _Reject(415, "unsupported_media_type", "Content-Type must be application/json")
         body = _read_body(environ, self._limits.max_body_bytes)
+        if fmt == "grafana" and self._grafana_secret:
+            _verify_grafana_signature(environ, body, self._grafana_secret, time.time())
         try:
             payload = sources.decode(body)
         except sources.InvalidPayload as exc:
@@ -860,3 +864,32 @@ def serve(settings: Settings, insecure_no_auth: bool = False) -> None:
     finally:
         server.stop()
         log.info("ingest stopped")
+
+
+GRAFANA_SIGNATURE = "HTTP_X_GRAFANA_ALERTING_SIGNATURE"
+GRAFANA_TIMESTAMP = "HTTP_X_GRAFANA_ALERTING_SIGNATURE_TIMESTAMP"
+GRAFANA_MAX_SKEW_S = 300
+
+
+def _verify_grafana_signature(
+    environ: Mapping[str, Any], body: bytes, secret: bytes, now: float
+) -> None:
+    """Grafana's webhook HMAC: hex SHA-256 of the body, or of "timestamp:body" when Grafana
+    also sends a timestamp (which then must be recent, so a captured request cannot be replayed).
+    """
+    signature = str(environ.get(GRAFANA_SIGNATURE, "")).strip().lower()
+    if not signature:
+        raise _Reject(401, "unauthorized", "missing X-Grafana-Alerting-Signature")
+    timestamp = str(environ.get(GRAFANA_TIMESTAMP, "")).strip()
+    signed = body
+    if timestamp:
+        try:
+            skew = abs(now - float(timestamp))
+        except ValueError:
+            raise _Reject(401, "unauthorized", "malformed signature timestamp") from None
+        if skew > GRAFANA_MAX_SKEW_S:
+            raise _Reject(401, "unauthorized", "signature timestamp too old")
+        signed = timestamp.encode() + b":" + body
+    expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, signature):
+        raise _Reject(401, "unauthorized", "bad X-Grafana-Alerting-Signature")

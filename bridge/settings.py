@@ -345,6 +345,13 @@ class Settings(BaseModel):
             "source."
         ),
     )
+    ingest_grafana_hmac_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description=(
+            "Shared secret of Grafana's webhook HMAC signature; when set, Grafana requests "
+            "must carry a valid X-Grafana-Alerting-Signature."
+        ),
+    )
     http_max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Largest request body the ingest accepts."
     )
@@ -395,7 +402,12 @@ class Settings(BaseModel):
 
     def secret_values(self) -> list[str]:
         """The configured secret strings, for log redaction and leak tests."""
-        secrets = [self.itsm_client_secret, self.itsm_password, self.itsm_api_key]
+        secrets = [
+            self.itsm_client_secret,
+            self.itsm_password,
+            self.itsm_api_key,
+            self.ingest_grafana_hmac_secret,
+        ]
         values = [s.get_secret_value() for s in secrets]
         values += [tok for tok, _ in parse_ingest_tokens(self.ingest_tokens.get_secret_value())]
         return [v for v in values if v]
