@@ -25,10 +25,12 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
-def _setup_logging(settings: Settings) -> None:
+def _setup_logging(settings: Settings, *, quiet: bool = False) -> None:
+    """Logs through the redacting pipeline; ``quiet`` keeps a one-shot report to warnings."""
     from bridge.logs import configure_logging
 
-    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
+    level = "WARNING" if quiet and settings.log_level in {"DEBUG", "INFO"} else settings.log_level
+    configure_logging(level, settings.log_format, settings.secret_values())
 
 
 @click.group(context_settings=CONTEXT)
@@ -301,7 +303,7 @@ def dlq_list(
         click.echo("  ".join([*cells, row[-1]]))
     total = rt.dlq.count()
     if limit is not None and len(entries) == limit and total > limit:
-        click.echo(f"\n{len(entries)} dead letter(s) shown, {total} in the store")
+        click.echo(f"\n{len(entries)} of {total} dead letter(s) in the store shown (--limit)")
     else:
         click.echo(f"\n{len(entries)} dead letter(s)")
 
@@ -642,7 +644,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     from workers.app import INTAKE_QUEUE, UPDATES_QUEUE, URGENT_QUEUE
 
     settings = _settings(ctx)
-    _setup_logging(settings)  # the ITSM check may log: through the redacting pipeline
+    _setup_logging(settings, quiet=True)  # the ITSM check may log: redact it
     redis: Any = None
     if settings.redis_url:
         redis = redis_lib.Redis.from_url(
