@@ -208,6 +208,36 @@ class Settings(BaseModel):
             ' API cannot search), "dead-letter" for an operator, or "create" (may duplicate).'
         ),
     )
+    # Protection of the ITSM, shared by every worker through Redis (bridge/itsm/guard.py).
+    itsm_rate_limit_per_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "ITSM calls per second for all workers together, shared through Redis; 0 = no limit."
+        ),
+    )
+    itsm_rate_limit_burst: int = Field(
+        default=10, ge=1, description="ITSM calls allowed at once before the per-second rate."
+    )
+    itsm_rate_limit_max_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="A call waits at most this long for a rate slot, else it is rescheduled.",
+    )
+    itsm_breaker_failures: int = Field(
+        default=10,
+        ge=0,
+        description=(
+            "Consecutive ITSM failures (timeouts, refused connections, 5xx, 429) that open the "
+            "circuit breaker shared by all workers; 0 = off."
+        ),
+    )
+    itsm_breaker_open_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long the circuit stays open (calls fail fast) before one probe call.",
+    )
 
     # [redis] / [broker]
     redis_url: str = Field(

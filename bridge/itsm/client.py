@@ -34,6 +34,7 @@ from bridge.itsm.errors import (
     parse_retry_after,
     server_message,
 )
+from bridge.itsm.guard import Guard
 from bridge.itsm.model import Impact, Incident, IncidentDraft, IncidentRef, Priority
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,10 @@ _B_IMPACT = {
 }
 
 
+# _send's answer when a first 401 was answered by dropping the token: send once more.
+_SEND_AGAIN = object()
+
+
 def key_tag(key: str) -> str:
     """The tag that marks an incident as the one for alert key ``key``."""
     return KEY_TAG_PREFIX + key
@@ -93,8 +98,10 @@ class IncidentClient:
         *,
         on_request: OnRequest | None = None,
         clock: Callable[[], float] = time.time,
+        guard: Guard | None = None,
     ) -> None:
         self._settings = settings
+        self.guard = guard
         self._base = settings.itsm_url.rstrip("/")
         self._auth = auth
         self._timeout = (settings.itsm_connect_timeout_s, settings.itsm_read_timeout_s)
@@ -192,37 +199,62 @@ class IncidentClient:
 
         A 401 drops the token that failed and the call is sent once more with a
         fresh one; a second 401 is an AuthError (the credentials themselves are bad).
+        Each attempt passes the shared guard (rate limit, circuit breaker) first.
         """
         url = self._base + path
         for attempt in (1, 2):
-            authorization = self._auth.authorization()
-            started = time.monotonic()
-            status: int | None = None
+            permit = self.guard.acquire(operation) if self.guard is not None else None
             try:
-                response = self._session().request(
-                    method,
-                    url,
-                    json=body,
-                    params=params,
-                    headers={"Authorization": authorization, "Accept": "application/json"},
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                )
-                status = response.status_code
-            except requests.RequestException as exc:
-                raise error_for_exception(exc, operation=operation, creates=creates) from exc
-            finally:
-                if self._on_request is not None:
-                    self._on_request(operation, status, time.monotonic() - started)
-            with response:
-                if status == 401 and attempt == 1 and self._auth.renewable:
-                    self._auth.invalidate(authorization)
-                    log.info("itsm answered 401; retrying once with a new token", op=operation)
-                    continue
-                if not 200 <= response.status_code < 300:
-                    raise self._status_error(response, operation, creates)
-                return self._parse(response, operation, creates)
+                answer = self._send(attempt, operation, method, url, body, params, creates)
+            except BaseException as exc:
+                if self.guard is not None and permit is not None:
+                    self.guard.record(permit, exc)
+                raise
+            if self.guard is not None and permit is not None:
+                self.guard.record(permit, None)
+            if answer is _SEND_AGAIN:
+                continue
+            return answer
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(
+        self,
+        attempt: int,
+        operation: str,
+        method: str,
+        url: str,
+        body: Any,
+        params: dict[str, Any] | None,
+        creates: bool,
+    ) -> Any:
+        """One request; the parsed answer, ``_SEND_AGAIN`` after a first 401, or an ItsmError."""
+        authorization = self._auth.authorization()
+        started = time.monotonic()
+        status: int | None = None
+        try:
+            response = self._session().request(
+                method,
+                url,
+                json=body,
+                params=params,
+                headers={"Authorization": authorization, "Accept": "application/json"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+            status = response.status_code
+        except requests.RequestException as exc:
+            raise error_for_exception(exc, operation=operation, creates=creates) from exc
+        finally:
+            if self._on_request is not None:
+                self._on_request(operation, status, time.monotonic() - started)
+        with response:
+            if status == 401 and attempt == 1 and self._auth.renewable:
+                self._auth.invalidate(authorization)
+                log.info("itsm answered 401; retrying once with a new token", op=operation)
+                return _SEND_AGAIN
+            if not 200 <= response.status_code < 300:
+                raise self._status_error(response, operation, creates)
+            return self._parse(response, operation, creates)
 
     def _status_error(
         self, response: requests.Response, operation: str, creates: bool
@@ -562,7 +594,8 @@ def build_client(
     verify: bool | str = settings.itsm_ca_bundle or settings.itsm_verify_tls
     auth = build_auth(settings, redis, new_session(1, verify), on_request=on_request)
     cls: type[IncidentClient] = GenBClient if settings.itsm_flavor == "serviceops" else GenAClient
-    return cls(settings, auth, on_request=on_request, clock=clock)
+    guard = Guard.from_settings(settings, redis)
+    return cls(settings, auth, on_request=on_request, clock=clock, guard=guard)
 
 
 __all__ = ["GenAClient", "GenBClient", "IncidentClient", "build_client", "key_tag"]
