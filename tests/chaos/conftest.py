@@ -1,0 +1,746 @@
+"""Fault tests against real processes that the tests own and may kill.
+
+Every test here starts its own Redis servers (broker and state, AOF on) and, for
+the RabbitMQ variants, uses one private RabbitMQ node started for the session,
+with a vhost per test. The machine's shared Redis and RabbitMQ are never touched:
+other suites and benchmarks may be running against them.
+
+``ChaosStack`` runs two or more ``bridge worker --pool prefork`` instances as
+subprocesses, can SIGKILL their pool children or whole instances, restart them
+with a changed environment, publish alerts, and account for every accepted
+alert: an incident tagged with its key in the simulator, or a dead letter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from bridge import keys as bridge_keys
+from bridge import sources
+from bridge.dlq import DeadLetterStore
+from bridge.itsm.simulator import Simulator
+from bridge.pipeline import envelope
+from bridge.settings import load_settings
+from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
+
+ROOT = Path(__file__).resolve().parents[2]
+QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
+# Figures of the run, written at the end of the session for docs/reliability.md.
+FIGURES: dict[str, Any] = {
+    "kills": 0,
+    "broker_restarts": 0,
+    "state_restarts": 0,
+    "state_flushes": 0,
+    "itsm_outages": 0,
+    "alerts_accepted": 0,
+    "keys": 0,
+    "alerts_lost": 0,
+    "duplicates": 0,
+    "dead_letters_replayed": 0,
+    "secrets_leaked": 0,
+    "poison_dead_lettered": 0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------ private Redis
+
+
+class RedisServer:
+    """A redis-server of our own: AOF with fsync on every write, so a SIGKILL loses nothing
+    that was acknowledged (the broker's contract for an accepted alert)."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.port = free_port()
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--maxmemory-policy", "noeviction",
+                "--dir", str(self.dir),
+                "--logfile", str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        client = redis_lib.Redis(port=self.port, socket_connect_timeout=0.5)
+        try:
+            wait_for(lambda: _ping(client), timeout=15, interval=0.05, what="redis-server")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; only what AOF already holds survives."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+    def client(self, db: int = 0) -> redis_lib.Redis:
+        return redis_lib.Redis(port=self.port, db=db, socket_timeout=5)
+
+
+def _ping(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.RedisError:
+        return False
+
+
+@pytest.fixture
+def chaos_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bridge-chaos-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_servers(chaos_dir: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """(broker, state): two private Redis servers, killed at the end."""
+    broker, state = RedisServer(chaos_dir, "broker"), RedisServer(chaos_dir, "state")
+    broker.start()
+    state.start()
+    yield broker, state
+    broker.kill()
+    state.kill()
+
+
+# ------------------------------------------------------------------ private RabbitMQ
+
+
+class RabbitNode:
+    """A RabbitMQ node of our own (own name, ports, data and log directories)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.name = f"bridgechaos{os.getpid()}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        for sub in ("mnesia", "log"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "plugins").write_text("[].\n")
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+            "loopback_users = none\n"
+            "log.console = false\n"
+        )
+        shutil.chown(base, "rabbitmq", "rabbitmq")
+        for path in base.rglob("*"):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HOME": "/var/lib/rabbitmq",
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "plugins"),
+            "RABBITMQ_PID_FILE": str(self.base / "node.pid"),
+        }
+
+    def start(self) -> None:
+        out = (self.base / "log" / "stdout.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+            env=self.env(),
+            cwd=self.base,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user="rabbitmq",
+            group="rabbitmq",
+        )
+        wait_for(self._accepts, timeout=60, interval=0.25, what="the private RabbitMQ node")
+        self.ctl("await_startup", timeout=60)
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                "the private RabbitMQ node exited: "
+                + (self.base / "log" / "stdout.log").read_text(errors="replace")[-2000:]
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def ctl(self, *args: str, timeout: float = 30) -> str:
+        done = subprocess.run(
+            ["rabbitmqctl", "-q", "-n", self.name, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def kill(self) -> None:
+        """SIGKILL the whole node: no clean shutdown."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=15)
+        self.proc = None
+        # epmd forgets the node once its connection drops; wait for the port to be free
+        time.sleep(0.5)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+    def add_vhost(self, vhost: str) -> str:
+        self.ctl("add_vhost", vhost)
+        self.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"
+
+    def queued(self, vhost: str) -> int:
+        """Messages ready or unacked in every queue of the vhost."""
+        out = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", "messages")
+        total = 0
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                total += int(parts[1])
+        return total
+
+
+@pytest.fixture(scope="session")
+def rabbit_node() -> Iterator[RabbitNode]:
+    if shutil.which("rabbitmqctl") is None or not Path("/usr/lib/rabbitmq/bin").exists():
+        pytest.skip("rabbitmq-server is not installed")
+    base = Path(tempfile.mkdtemp(prefix="bridge-chaos-rmq-"))
+    node = RabbitNode(base)
+    node.start()
+    yield node
+    with contextlib.suppress(Exception):
+        node.ctl("stop", timeout=30)
+    node.kill()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def rabbit_vhost(rabbit_node: RabbitNode) -> Iterator[tuple[RabbitNode, str, str]]:
+    vhost = f"chaos-{uuid.uuid4().hex[:8]}"
+    url = rabbit_node.add_vhost(vhost)
+    yield rabbit_node, vhost, url
+    with contextlib.suppress(Exception):
+        rabbit_node.ctl("delete_vhost", vhost)
+
+
+# ------------------------------------------------------------------ the simulator
+
+
+def make_simulator(
+    flavor: str,
+    *,
+    client_secret: str = SIM_CLIENT_SECRET,
+    password: str = SIM_PASSWORD,
+    port: int = 0,
+) -> Simulator:
+    sim = Simulator(
+        flavor=flavor,
+        client_id=SIM_CLIENT_ID,
+        client_secret=client_secret,
+        username=SIM_USERNAME,
+        password=password,
+        port=port,
+        threads=24,
+    )
+    sim.start()
+    return sim
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Callable[..., Simulator]]:
+    sims: list[Simulator] = []
+
+    def make(flavor: str, **kwargs: Any) -> Simulator:
+        sim = make_simulator(flavor, **kwargs)
+        sims.append(sim)
+        return sim
+
+    yield make
+    for sim in sims:
+        sim.stop()
+
+
+# ------------------------------------------------------------------ the bridge
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+class WorkerInstance:
+    """One ``bridge worker --pool prefork`` process and its pool children."""
+
+    def __init__(self, index: int, log_path: Path) -> None:
+        self.index = index
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str], concurrency: int) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "bridge.cli", "worker",
+                "--pool", "prefork", "--concurrency", str(concurrency),
+                "--loglevel", "INFO", "-n", f"chaos{self.index}-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        return _children(self.proc.pid) if self.alive and self.proc else []
+
+    def kill_child(self, rng: random.Random) -> bool:
+        kids = self.children()
+        if not kids:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rng.choice(kids), signal.SIGKILL)
+        return True
+
+    def kill_all(self) -> None:
+        """SIGKILL the main process and its children at once: the node is gone."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@dataclass
+class Accounting:
+    """Where every accepted alert key ended up."""
+
+    keys: set[str]
+    incidents: dict[str, list[dict[str, Any]]]
+    dead_letters: list[Any]
+    missing: set[str] = field(default_factory=set)
+
+    @property
+    def duplicates(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.incidents.items() if len(v) > 1}
+
+    def dead_letter_keys(self) -> set[str]:
+        return {e.key for e in self.dead_letters if e.key}
+
+
+class ChaosStack:
+    """Several worker instances on one broker, one state Redis and one simulator."""
+
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        redis_url: str,
+        sim: Simulator,
+        workdir: Path,
+        instances: int = 2,
+        concurrency: int = 2,
+        extra_env: dict[str, str] | None = None,
+        client_secret: str = SIM_CLIENT_SECRET,
+        password: str = SIM_PASSWORD,
+        broker_queued: Callable[[], int] | None = None,
+    ) -> None:
+        self.sim = sim
+        self.workdir = workdir
+        self.prefix = f"chaos{uuid.uuid4().hex[:6]}"
+        self.concurrency = concurrency
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")},
+            "BRIDGE_BROKER_URL": broker_url,
+            "BRIDGE_REDIS_URL": redis_url,
+            "BRIDGE_REDIS_PREFIX": self.prefix,
+            "BRIDGE_ITSM_URL": sim.url,
+            "BRIDGE_ITSM_FLAVOR": sim.flavor,
+            "BRIDGE_ITSM_CLIENT_ID": SIM_CLIENT_ID,
+            "BRIDGE_ITSM_CLIENT_SECRET": client_secret,
+            "BRIDGE_ITSM_USERNAME": SIM_USERNAME,
+            "BRIDGE_ITSM_PASSWORD": password,
+            "BRIDGE_ITSM_READ_TIMEOUT_S": "3",
+            "BRIDGE_ITSM_CONNECT_TIMEOUT_S": "1",
+            "BRIDGE_ITSM_BREAKER_OPEN_S": "2",
+            "BRIDGE_LOG_FORMAT": "json",
+            "BRIDGE_RETRY_BASE_DELAY_S": "0.2",
+            "BRIDGE_RETRY_MAX_DELAY_S": "2",
+            "BRIDGE_RETRY_MAX_ATTEMPTS": "30",
+            "BRIDGE_BROKER_VISIBILITY_TIMEOUT_S": "60",
+            "BRIDGE_DEDUP_CLAIM_LEASE_S": "20",
+            "BRIDGE_DEDUP_LOCK_LEASE_S": "10",
+            "BRIDGE_DEDUP_UPDATE_INTERVAL_S": "3600",
+            "BRIDGE_WORKER_METRICS_PORT": "0",
+            **(extra_env or {}),
+        }
+        self.settings = load_settings(env=self.env)
+        from workers.app import create_app
+
+        self.app = create_app(self.settings)
+        self.redis = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
+        self.dlq = DeadLetterStore(self.redis, prefix=self.prefix, clock=time.time)
+        self.workers = [
+            WorkerInstance(i, workdir / f"worker{i}.log") for i in range(instances)
+        ]
+        self.accepted: set[str] = set()
+        self.alerts_accepted = 0
+        self.kills = 0
+        self._broker_queued = broker_queued
+        self._rng = random.Random(1234)
+
+    # -------------------------------------------------------------- processes
+
+    def start(self) -> None:
+        for w in self.workers:
+            if not w.alive:
+                w.start(self.env, self.concurrency)
+        wait_for(
+            lambda: all(len(w.children()) >= self.concurrency for w in self.workers),
+            timeout=60,
+            what="the worker pools",
+        )
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def restart_with(self, **env: str) -> None:
+        """Stop every worker, change their environment (new config), start them again."""
+        self.stop()
+        self.env.update(env)
+        self.start()
+
+    def kill_child(self) -> bool:
+        candidates = [w for w in self.workers if w.children()]
+        if not candidates and not any(w.alive for w in self.workers):
+            return False
+        if not candidates:
+            return False
+        if self._rng.choice(candidates).kill_child(self._rng):
+            self.kills += 1
+            return True
+        return False
+
+    def kill_instance(self, restart: bool = True) -> None:
+        victim = self._rng.choice([w for w in self.workers if w.alive])
+        victim.kill_all()
+        self.kills += 1
+        if restart:
+            victim.start(self.env, self.concurrency)
+
+    def ensure_running(self) -> None:
+        for w in self.workers:
+            if not w.alive:
+                w.start(self.env, self.concurrency)
+
+    def close(self) -> None:
+        self.stop()
+        with contextlib.suppress(Exception):
+            self.app.close()
+        self.redis.close()
+
+    # -------------------------------------------------------------- alerts
+
+    def keys_of(self, fmt: str, payload: Any) -> list[str]:
+        s = self.settings
+        return [
+            bridge_keys.with_key(
+                a, mode=s.dedup_key_mode, group_by=s.dedup_group_by, tenant=s.dedup_tenant
+            ).key
+            for a in sources.parse(fmt, payload)
+        ]
+
+    def publish(self, fmt: str, payload: Any) -> bool:
+        """Offer one message; True when the broker took it (the alert is then accepted)."""
+        from workers.app import publish
+
+        try:
+            publish(self.app, envelope(fmt, payload), timeout=2)
+        except Exception:
+            return False
+        keys = self.keys_of(fmt, payload)
+        self.accepted.update(keys)
+        self.alerts_accepted += len(keys)
+        return True
+
+    def publish_until_accepted(self, fmt: str, payload: Any, timeout: float = 60) -> None:
+        """A sender retrying until the bridge takes its alert (as Alertmanager does)."""
+        wait_for(lambda: self.publish(fmt, payload), timeout=timeout, interval=0.5,
+                 what="the broker to accept a message")  # fmt: skip
+
+    # -------------------------------------------------------------- accounting
+
+    def incidents_by_key(self) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for incident in self.sim.incidents():
+            for tag in incident.get("tags") or []:
+                if tag.startswith("bridge-key:"):
+                    found.setdefault(tag.removeprefix("bridge-key:"), []).append(incident)
+        return found
+
+    def dead_letters(self) -> list[Any]:
+        try:
+            return self.dlq.list()
+        except redis_lib.RedisError:
+            return []
+
+    def account(self) -> Accounting:
+        incidents = self.incidents_by_key()
+        dead = self.dead_letters()
+        dead_keys = {e.key for e in dead if e.key}
+        missing = {k for k in self.accepted if k not in incidents and k not in dead_keys}
+        return Accounting(set(self.accepted), incidents, dead, missing)
+
+    def broker_queued(self) -> int:
+        if self._broker_queued is not None:
+            return self._broker_queued()
+        broker = redis_lib.Redis.from_url(self.settings.broker_url, socket_timeout=5)
+        try:
+            total = int(broker.hlen("unacked"))
+            for q in QUEUES:
+                for name in broker.scan_iter(f"{q}*"):
+                    if broker.type(name) == b"list":
+                        total += int(broker.llen(name))
+            return total
+        except redis_lib.RedisError:
+            return -1
+        finally:
+            broker.close()
+
+    def settle(self, timeout: float = 120, quiet_s: float = 3.0) -> Accounting:
+        """Wait until every accepted key is accounted for and the bridge has gone quiet."""
+        deadline = time.monotonic() + timeout
+        last_total, quiet_since = -1, time.monotonic()
+        while True:
+            acc = self.account()
+            total = self.sim.calls().get("total", 0)
+            queued = self.broker_queued()
+            if total != last_total or queued != 0:
+                last_total, quiet_since = total, time.monotonic()
+            if not acc.missing and queued == 0 and time.monotonic() - quiet_since >= quiet_s:
+                return acc
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"not settled after {timeout}s: {len(acc.missing)} keys unaccounted "
+                    f"({sorted(acc.missing)[:5]}...), {queued} messages on the broker"
+                )
+            time.sleep(0.5)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bridge.cli", *args],
+            cwd=ROOT,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def replay_all(self) -> int:
+        """``bridge dlq replay --all`` until the store is empty; the number replayed."""
+        replayed = 0
+        for _ in range(3):
+            entries = len(self.dead_letters())
+            if not entries:
+                break
+            done = self.cli("dlq", "replay", "--all")
+            replayed += entries
+            if done.returncode == 0:
+                break
+            time.sleep(1)
+        return replayed
+
+    def logs(self) -> str:
+        return "".join(w.log_path.read_text(errors="replace") for w in self.workers
+                       if w.log_path.exists())  # fmt: skip
+
+
+@pytest.fixture
+def stack_factory(chaos_dir: Path) -> Iterator[Callable[..., ChaosStack]]:
+    stacks: list[ChaosStack] = []
+
+    def make(**kwargs: Any) -> ChaosStack:
+        stack = ChaosStack(workdir=chaos_dir, **kwargs)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.close()
+
+
+# ------------------------------------------------------------------ alerts
+
+
+def am_alert(fingerprint: str, status: str = "firing", severity: str = "warning",
+             summary: str | None = None) -> dict[str, Any]:  # fmt: skip
+    return {
+        "status": status,
+        "labels": {"alertname": f"Chaos-{fingerprint}", "severity": severity, "job": "node"},
+        "annotations": {"summary": summary or f"problem {fingerprint}"},
+        "startsAt": "2026-11-28T09:14:05.123Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus.example.com/graph",
+        "fingerprint": fingerprint,
+    }
+
+
+def am_payload(alerts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="chaos"}',
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "itsm-bridge",
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example.com",
+        "alerts": alerts,
+    }
+
+
+def storm(n_keys: int, repeats: int, batch: int, seed: int, tag: str = "") -> list[dict[str, Any]]:
+    """Alertmanager payloads: ``n_keys`` problems each sent ``repeats`` times, shuffled.
+
+    Each repeat carries a new summary, so every delivery is a real occurrence.
+    """
+    fingerprints = [f"{tag}{seed:04x}{i:08x}" for i in range(n_keys)]
+    order = [(fp, r) for fp in fingerprints for r in range(repeats)]
+    random.Random(seed).shuffle(order)
+    return [
+        am_payload([am_alert(fp, summary=f"problem {fp} #{r}") for fp, r in order[i : i + batch]])
+        for i in range(0, len(order), batch)
+    ]
+
+
+def record(acc: Accounting, stack: ChaosStack, **figures: int) -> None:
+    """Add one scenario's outcome to the run's figures."""
+    FIGURES["alerts_accepted"] += stack.alerts_accepted
+    FIGURES["keys"] += len(acc.keys)
+    FIGURES["kills"] += stack.kills
+    FIGURES["duplicates"] += sum(n - 1 for n in acc.duplicates.values())
+    FIGURES["alerts_lost"] += len(acc.missing)
+    for name, value in figures.items():
+        FIGURES[name] = FIGURES.get(name, 0) + value
+
+
+def assert_exactly_one_incident_per_key(stack: ChaosStack) -> Accounting:
+    acc = stack.account()
+    assert not acc.duplicates, f"keys with more than one incident: {acc.duplicates}"
+    without = {k for k in acc.keys if k not in acc.incidents}
+    assert not without, f"{len(without)} accepted keys have no incident: {sorted(without)[:5]}"
+    return acc
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    out = os.environ.get("BRIDGE_CHAOS_FIGURES")
+    if out and any(FIGURES.values()):
+        Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = [
+    "FIGURES",
+    "Accounting",
+    "ChaosStack",
+    "RabbitNode",
+    "RedisServer",
+    "am_alert",
+    "am_payload",
+    "assert_exactly_one_incident_per_key",
+    "record",
+    "storm",
+    "wait_for",
+]
