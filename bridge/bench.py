@@ -162,6 +162,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="DIR",
         help="record the per_alert and batched phases with py-spy (raw stacks) into DIR",
     )
+    parser.add_argument(
+        "--act-pool",
+        metavar="POOL:N",
+        help="run ITSM actions (bridge.urgent, bridge.updates) on a second worker with this "
+        "pool, e.g. threads:16; the prefork workers then take only bridge.intake",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -169,6 +175,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown phase {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     args.phases = phases
+    if args.act_pool:
+        pool, _, count = args.act_pool.partition(":")
+        if pool not in {"threads", "prefork", "gevent"} or not count.isdigit() or int(count) < 1:
+            parser.error("--act-pool takes POOL:N, e.g. threads:16")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.batch_size < 1:
@@ -406,6 +416,7 @@ class Harness:
         self.settings = load_settings(env=self.env)
         self.app: Any = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.act_proc: subprocess.Popen[bytes] | None = None
         self.ingest: subprocess.Popen[bytes] | None = None
         self.ingest_url = ""
         self.profiler: subprocess.Popen[bytes] | None = None
@@ -440,41 +451,46 @@ class Harness:
                 with contextlib.suppress(Exception):
                     channel.close()
 
-    def start_workers(self) -> None:
+    def _worker(self, pool: str, concurrency: int, queues: str | None) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "bridge.cli", "worker", "--pool", pool]
+        command += ["--concurrency", str(concurrency), "--loglevel", "WARNING"]
+        if queues:
+            command += ["-Q", queues, "-n", f"bench-{pool}@%h"]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bridge.cli",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                str(self.args.workers),
-                "--loglevel",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        try:
+            return subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def start_workers(self) -> None:
+        if self.args.act_pool:
+            pool, _, count = self.args.act_pool.partition(":")
+            self.proc = self._worker("prefork", self.args.workers, QUEUES[0])
+            self.act_proc = self._worker(pool, int(count), ",".join(QUEUES[1:]))
+        else:
+            self.proc = self._worker("prefork", self.args.workers, None)
 
     def stop_workers(self) -> None:
         self.stop_profiler()
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        procs = [p for p in (self.proc, self.act_proc) if p is not None]
+        self.proc = self.act_proc = None
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
     def start_ingest(self) -> None:
         port = _free_port()
@@ -618,9 +634,11 @@ class Harness:
         return depths
 
     def worker_rss(self) -> int:
-        if self.proc is None:
-            return 0
-        return sum(_tree_rss(self.proc.pid).values())
+        procs = [p for p in (self.proc, self.act_proc) if p is not None]
+        return sum(sum(_tree_rss(p.pid).values()) for p in procs)
+
+    def workers_exited(self) -> bool:
+        return any(p is not None and p.poll() is not None for p in (self.proc, self.act_proc))
 
     def ingest_rss(self) -> int:
         if self.ingest is None:
@@ -681,7 +699,7 @@ class Harness:
             if done >= total:
                 assert t0 is not None
                 return Drain(total=total, first_done=first, seconds=now - t0)
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.workers_exited():
                 raise self._fail(f"{what}: the workers exited at {done:,}/{total:,}")
             if t0 is None and time.monotonic() > start_deadline:
                 raise self._fail(f"{what}: the workers took nothing off the queue in 90 s")
@@ -692,7 +710,7 @@ class Harness:
     def wait_for(self, what: str, condition: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.workers_exited():
                 raise self._fail(f"{what}: the workers exited")
             if time.monotonic() > deadline:
                 raise self._fail(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -873,14 +891,17 @@ def phase_new(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     ]
     h.publish_all("new-key", "bridge.intake", messages, len(messages))
     h.start_workers()
+    h.start_profiler("new")
     drain = h.drain("new incidents", lambda: h.sim.calls()["create"], n, timeout=max(60.0, n / 20))
+    h.stop_profiler()
     h.settle_actions("new incidents", timeout=60.0)
     calls = h.sim.calls()
     out["new_incidents"] = n
     out["new_incidents_per_s"] = drain.rate
     out["new_incidents_creates"] = calls["create"]
     latency_s = h.args.itsm_latency_ms / 1000
-    out["new_incidents_bound_per_s"] = h.args.workers / latency_s if latency_s else math.nan
+    concurrency = int(h.args.act_pool.partition(":")[2]) if h.args.act_pool else h.args.workers
+    out["new_incidents_bound_per_s"] = concurrency / latency_s if latency_s else math.nan
     h.stop_workers()
 
 
@@ -1072,7 +1093,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             (
                 "new incidents",
                 f"{_fmt(rate, 'incidents/s')} = {_fmt(rate / bound, 'x bound', 2)}",
-                f"bound {_fmt(bound)}/s = workers / ITSM latency",
+                f"bound {_fmt(bound)}/s = ITSM concurrency / latency",
                 "",
             )
         )
@@ -1172,6 +1193,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def render(out: dict[str, Any]) -> str:
     head = (
         f"bridge bench: broker {out['broker']}, {out['workers']} prefork worker processes, "
+        f"{'actions on ' + out['act_pool'] + ', ' if out['act_pool'] else ''}"
         f"ITSM {out['itsm_flavor']} at {out['itsm_latency_ms']:g} ms, "
         f"{'quick' if out['quick'] else 'full'} sizes, commit {out['git_commit']}"
         f"{' (modified)' if out['git_dirty'] else ''}, {out['cpus']} CPUs"
@@ -1200,6 +1222,7 @@ def main(argv: list[str]) -> int:
         "workers": args.workers,
         "itsm_latency_ms": args.itsm_latency_ms,
         "itsm_flavor": args.flavor,
+        "act_pool": args.act_pool or "",
         "quick": args.quick,
         "scale": args.scale,
         "phases": args.phases,
