@@ -10,6 +10,7 @@ publishes, ``bridge run``'s replay and tests may supply one that runs inline.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from bridge.itsm.errors import (
     PermanentError,
     TransientError,
 )
+from bridge.itsm.guard import GuardRefusal, low_priority
 from bridge.itsm.model import Incident, IncidentRef
 from bridge.keyconfig import KeyRule
 from bridge.retry import RetryPolicy, next_delay
@@ -334,6 +336,15 @@ class Pipeline:
             return ActionResult("busy", retry_in=pause)
         except AmbiguousCreate as exc:
             return self._give_up(action, Reason.AMBIGUOUS_CREATE, str(exc), bound)
+        except GuardRefusal as exc:
+            # Held back by our own rate limit or open circuit: not a failed attempt. Only
+            # the alert's age bounds how long it may wait.
+            pause = (exc.retry_after or 1.0) + random.uniform(0, 0.5)
+            if self._clock() + pause - action.first_seen > self._retry.max_age_s:
+                return self._give_up(action, Reason.RETRIES_EXHAUSTED, _detail(exc), bound)
+            self._observe("retry", reason=exc.reason)
+            self.sink.submit(action, countdown=pause)
+            return ActionResult("rescheduled", _detail(exc), retry_in=pause)
         except (ItsmError, OSError) as exc:
             attempt = action.attempt + 1
             delay = next_delay(exc, attempt, action.first_seen, self._clock(), self._retry)
@@ -394,7 +405,8 @@ class Pipeline:
         if ref is None:
             return ActionResult("stale", "no incident recorded for this key")
         if decision == Decision.COALESCED_UPDATE:
-            return self._update(action, ref)
+            with low_priority():
+                return self._update(action, ref)
         if decision == Decision.RESOLVE:
             return self._resolve(action, ref)
         return self._reopen(action, ref, flapping=decision == Decision.FLAPPING)

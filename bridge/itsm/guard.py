@@ -23,6 +23,12 @@ Circuit breaker
     password) proves it is up and counts as a success. ``failures = 0`` switches
     the breaker off.
 
+Priorities
+    Calls made inside ``low_priority()`` (cosmetic updates: occurrence notes,
+    severity notes) may not take the last half of the burst and never wait for a
+    slot: they are throttled at once and rescheduled, so the slots that remain
+    serve creates and resolves first, even behind a backlog of updates.
+
 Only resource calls (create, get, update, search, note) pass the guard. The token
 endpoint does not take rate tokens: its grants are single-flight across all
 processes (one per token lifetime), so they cannot turn into load. A token grant
@@ -32,9 +38,11 @@ failure, since it is the same server being down.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +51,21 @@ import structlog
 from bridge.itsm.errors import AmbiguousError, ItsmError, TransientError
 
 log = structlog.get_logger(__name__)
+
+_LOW_PRIORITY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "itsm_low_priority", default=False
+)
+
+
+@contextlib.contextmanager
+def low_priority() -> Iterator[None]:
+    """ITSM calls inside this block yield rate-limit slots to urgent ones."""
+    reset = _LOW_PRIORITY.set(True)
+    try:
+        yield
+    finally:
+        _LOW_PRIORITY.reset(reset)
+
 
 CLOSED = "closed"
 OPEN = "open"
@@ -69,7 +92,7 @@ class CircuitOpen(GuardRefusal):
 
 # KEYS: breaker hash, probe key, rate key
 # ARGV: rate/s (0 = off), burst, max wait s, breaker on (1/0), probe token, probe lease ms,
-#       open s
+#       open s, slots of the burst held back for urgent calls (0 for urgent calls)
 # -> {"go", wait_s, probe (0/1), failures} | {"open", retry_after_s} | {"throttled", wait_s}
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -101,7 +124,7 @@ if rate > 0 then
   local tat = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
   if tat < now then tat = now end
   local new_tat = tat + interval
-  wait = new_tat - now - burst * interval
+  wait = new_tat - now - (burst - (tonumber(ARGV[8]) or 0)) * interval
   if wait < 0.000001 then wait = 0 end
   if wait > max_wait then
     return {'throttled', tostring(wait)}
@@ -253,16 +276,20 @@ class Guard:
         half-open probe) and ``Throttled`` when no rate slot is free within the wait.
         """
         token = uuid.uuid4().hex
+        low = _LOW_PRIORITY.get()
+        reserve = self.burst // 2 if low else 0
+        max_wait = 0.0 if low else self.max_wait_s
         reply = self._acquire(
             keys=[self._breaker_key, self._probe_key, self._rate_key],
             args=[
                 repr(self.rate_per_s),
                 self.burst,
-                repr(self.max_wait_s),
+                repr(max_wait),
                 "1" if self.breaker_on else "0",
                 token,
                 self._probe_lease_ms,
                 repr(self.breaker_open_s),
+                reserve,
             ],
         )
         verdict = _text(reply[0])
