@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "BRIDGE_"
 _NOT_SETTINGS = {"BRIDGE_CONFIG", "BRIDGE_NO_APP"}
@@ -412,6 +420,19 @@ class Settings(BaseModel):
         description="How an alert becomes incident fields (the [mapping] section).",
     )
 
+    @model_validator(mode="after")
+    def _visibility_timeout_outlasts_every_delay(self) -> Settings:
+        # On a Redis broker an unacked message (a task waiting for its countdown included)
+        # is handed to another worker after the visibility timeout: any delay longer than
+        # that would run the same action twice.
+        longest = max(self.retry_max_delay_s, self.retry_after_cap_s, self.dedup_flap_quiet_s)
+        if self.broker_visibility_timeout_s <= longest:
+            raise ValueError(
+                f"broker.visibility_timeout_s ({self.broker_visibility_timeout_s}) must exceed "
+                f"the longest retry or settle delay ({longest:g} s)"
+            )
+        return self
+
     @field_validator("itsm_url", "redis_url", "broker_url")
     @classmethod
     def _url_has_scheme(cls, value: str, info: Any) -> str:
@@ -515,7 +536,8 @@ def _describe(err: Mapping[str, Any]) -> str:
         where = f"[{section}] {key} ({env_name(loc[0])})"
     else:
         where = ".".join(loc)
-    return f"{where}: {err['msg']}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def load_settings(
