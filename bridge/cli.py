@@ -48,6 +48,7 @@ def main(config: str | None) -> None:
     Example:
       bridge run                      # everything in one process, embedded defaults
       bridge publish --source alertmanager alert.json
+      bridge status                   # is everything reachable? what is waiting?
     """
 
 
