@@ -139,7 +139,9 @@ class DeadLetterGauge:
         self._dlq = dlq
 
     def collect(self) -> Any:
-        gauge = GaugeMetricFamily("bridge_dead_letters", "Entries in the dead-letter store now.")
+        gauge = GaugeMetricFamily(
+            "bridge_dead_letters_current", "Entries in the dead-letter store now."
+        )
         try:
             gauge.add_metric([], float(self._dlq.count()))
         except Exception:  # Redis down: no sample rather than a failed scrape

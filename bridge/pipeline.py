@@ -262,10 +262,21 @@ class Pipeline:
         outcomes = self.store.decide_many(alerts, tokens)
         if self.previous_key_rule is not None:
             alerts, outcomes = self._retry_orphans_with_previous_rule(alerts, tokens, outcomes)
+        log_each = self.settings.log_every_decision
         for alert, token, outcome in zip(alerts, tokens, outcomes, strict=True):
             decision = outcome.decision
             result.decisions[decision] = result.decisions.get(decision, 0) + 1
             self._observe("decision", decision=decision, source=alert.source)
+            if log_each:
+                log.info(
+                    decision,
+                    key=alert.key,
+                    decision=decision,
+                    source=alert.source,
+                    status=alert.status.value,
+                    incident_id=outcome.incident_id,
+                    message_id=message_id,
+                )
             if Decision(decision).acts:
                 self.sink.submit(Action.from_outcome(alert, token, outcome, received_at))
                 result.actions += 1
@@ -503,7 +514,13 @@ class Pipeline:
             self.client.add_note(
                 ref, self.mapper.note_for_resolution(Alert.from_dict(action.alert))
             )
-        log.info(f"resolved {ref}" if mode == "resolve" else f"recovery {mode}", key=action.key)
+        log.info(
+            f"resolved {ref}" if mode == "resolve" else f"recovery: {mode}",
+            key=action.key,
+            incident_id=ref.id,
+            incident=str(ref),
+            source=action.alert.get("source"),
+        )
         self._observe("effect", effect="resolved")
         self._observe_latency(action)
 
@@ -542,7 +559,13 @@ class Pipeline:
                     self.settings.dedup_flap_threshold, self.settings.dedup_flap_window_s
                 ),
             )
-        log.info(f"reopened {ref}" + (" (flapping)" if flapping else ""), key=action.key)
+        log.info(
+            f"reopened {ref}" + (" (flapping)" if flapping else ""),
+            key=action.key,
+            incident_id=ref.id,
+            incident=str(ref),
+            source=action.alert.get("source"),
+        )
         self._observe("effect", effect="reopened")
         return ActionResult("done", "reopened", incident=ref)
 

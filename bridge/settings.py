@@ -407,6 +407,13 @@ class Settings(BaseModel):
     )
 
     # [log]
+    log_every_decision: bool = Field(
+        default=True,
+        description=(
+            "One INFO line per alert's decision (with its key), so one grep follows an alert; "
+            "switch off to save CPU in very large storms (actions are always logged)."
+        ),
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description='"json", "console", or "auto" (console on a terminal, JSON otherwise).',

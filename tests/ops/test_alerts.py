@@ -29,8 +29,8 @@ SCENARIOS: dict[str, tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] =
     ),
     "BridgeDeadLettersPiling": (
         "5m",
-        [('bridge_dead_letters{instance="w1"}', "150x6")],
-        [('bridge_dead_letters{instance="w1"}', "3x6")],
+        [('bridge_dead_letters_current{instance="w1"}', "150x6")],
+        [('bridge_dead_letters_current{instance="w1"}', "3x6")],
     ),
     "BridgeItsmFailing": (
         "10m",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.ops.test_dashboard import defined_metrics
@@ -39,13 +38,6 @@ class _Store:
         return 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the bridge_dead_letters gauge shares its family name with the "
-    "bridge_dead_letters_total counter, which OpenMetrics (Prometheus' preferred "
-    "scrape format) does not allow",
-)
 def test_worker_metrics_parse_in_the_openmetrics_format_prometheus_asks_for():
     from prometheus_client.openmetrics.exposition import generate_latest
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
