@@ -279,3 +279,30 @@ def test_a_message_that_keeps_killing_its_worker_is_dead_lettered_as_poison(so):
     so.pipeline.intake(message, "poison-1", redelivered=True)
     (entry,) = so.rt.dlq.list()
     assert entry.reason == Reason.POISON
+
+
+def test_an_alert_missing_from_a_truncated_payload_is_not_resolved(so):
+    so.send(am_alert("t1"), am_alert("t2"))
+    truncated = {**am_payload([am_alert("t1")]), "truncatedAlerts": 5}
+    so.pipeline.intake(envelope("alertmanager", truncated), "truncated-1")
+    so.drain()
+    assert [status(i) for i in so.sim.incidents()] == ["Open", "Open"]
+
+
+def test_an_incident_read_back_without_its_key_tag_is_an_anomaly(serviceops_sim, redis_client):
+    seen: list[tuple[str, dict]] = []
+    h = Harness(serviceops_sim, redis_client)
+    h.pipeline._observer = lambda name, **labels: seen.append((name, labels))
+    h.send(am_alert("m1"))
+    h.send(am_alert("m1", status="resolved"))
+    (incident,) = serviceops_sim.incidents()
+    client = h.pipeline.client
+    answer = client._session().patch(
+        f"{serviceops_sim.url}/api/v1/request/{incident['id']}",
+        json={"subject": incident["subject"], "tags": ["edited-by-a-person"]},
+        headers={"Authorization": client._auth.authorization()},
+        timeout=5,
+    )
+    assert answer.status_code == 200, answer.text
+    h.send(am_alert("m1"))
+    assert ("anomaly", {"kind": "key_mismatch"}) in seen
