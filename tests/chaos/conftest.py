@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,6 +54,7 @@ FIGURES: dict[str, Any] = {
     "alerts_accepted": 0,
     "keys": 0,
     "alerts_lost": 0,
+    "worker_crashes": 0,
     "duplicates": 0,
     "dead_letters_replayed": 0,
     "secrets_leaked": 0,
@@ -146,7 +148,8 @@ def _ping(client: redis_lib.Redis) -> bool:
 def chaos_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bridge-chaos-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get("CHAOS_KEEP") != "1":  # keep logs and data to look at a failure
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -458,7 +461,11 @@ class ChaosStack:
             "BRIDGE_RETRY_BASE_DELAY_S": "0.2",
             "BRIDGE_RETRY_MAX_DELAY_S": "2",
             "BRIDGE_RETRY_MAX_ATTEMPTS": "30",
+            # the shortest visibility timeout allowed: a killed instance's messages come back
+            # after 60 s; every delay must stay below it
             "BRIDGE_BROKER_VISIBILITY_TIMEOUT_S": "60",
+            "BRIDGE_RETRY_AFTER_CAP_S": "30",
+            "BRIDGE_DEDUP_FLAP_QUIET_S": "30",
             "BRIDGE_DEDUP_CLAIM_LEASE_S": "20",
             "BRIDGE_DEDUP_LOCK_LEASE_S": "10",
             "BRIDGE_DEDUP_UPDATE_INTERVAL_S": "3600",
@@ -471,30 +478,61 @@ class ChaosStack:
         self.app = create_app(self.settings)
         self.redis = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
         self.dlq = DeadLetterStore(self.redis, prefix=self.prefix, clock=time.time)
-        self.workers = [
-            WorkerInstance(i, workdir / f"worker{i}.log") for i in range(instances)
-        ]
+        self.workers = [WorkerInstance(i, workdir / f"worker{i}.log") for i in range(instances)]
         self.accepted: set[str] = set()
         self.alerts_accepted = 0
         self.kills = 0
+        # Worker exits nobody asked for, restarted by the supervisor as systemd or an
+        # orchestrator would: (instance, last log lines) each.
+        self.crashes: list[tuple[int, str]] = []
+        self._lifecycle = threading.Lock()
+        self._supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self._broker_queued = broker_queued
         self._rng = random.Random(1234)
 
     # -------------------------------------------------------------- processes
 
     def start(self) -> None:
-        for w in self.workers:
-            if not w.alive:
-                w.start(self.env, self.concurrency)
+        with self._lifecycle:
+            for w in self.workers:
+                if not w.alive:
+                    w.start(self.env, self.concurrency)
         wait_for(
             lambda: all(len(w.children()) >= self.concurrency for w in self.workers),
             timeout=60,
             what="the worker pools",
         )
+        self._supervise()
+
+    def _supervise(self) -> None:
+        """Restart an instance that exited on its own, like a process supervisor."""
+        if self._supervisor is not None and self._supervisor.is_alive():
+            self._supervising.set()
+            return
+        self._supervising.set()
+
+        def loop() -> None:
+            while self._supervising.is_set():
+                time.sleep(0.5)
+                with self._lifecycle:
+                    if not self._supervising.is_set():
+                        return
+                    for w in self.workers:
+                        if w.proc is not None and w.proc.poll() is not None:
+                            tail = w.log_path.read_text(errors="replace")[-3000:]
+                            self.crashes.append((w.index, tail))
+                            w.proc = None
+                            w.start(self.env, self.concurrency)
+
+        self._supervisor = threading.Thread(target=loop, daemon=True)
+        self._supervisor.start()
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
+        self._supervising.clear()
+        with self._lifecycle:
+            for w in self.workers:
+                w.stop()
 
     def restart_with(self, **env: str) -> None:
         """Stop every worker, change their environment (new config), start them again."""
@@ -504,26 +542,24 @@ class ChaosStack:
 
     def kill_child(self) -> bool:
         candidates = [w for w in self.workers if w.children()]
-        if not candidates and not any(w.alive for w in self.workers):
-            return False
-        if not candidates:
-            return False
-        if self._rng.choice(candidates).kill_child(self._rng):
+        if candidates and self._rng.choice(candidates).kill_child(self._rng):
             self.kills += 1
             return True
         return False
 
-    def kill_instance(self, restart: bool = True) -> None:
-        victim = self._rng.choice([w for w in self.workers if w.alive])
-        victim.kill_all()
-        self.kills += 1
-        if restart:
+    def kill_instance(self) -> None:
+        """SIGKILL a whole instance (main process and pool) and start it again."""
+        with self._lifecycle:
+            victim = self._rng.choice([w for w in self.workers if w.alive])
+            victim.kill_all()
+            self.kills += 1
             victim.start(self.env, self.concurrency)
 
     def ensure_running(self) -> None:
-        for w in self.workers:
-            if not w.alive:
-                w.start(self.env, self.concurrency)
+        with self._lifecycle:
+            for w in self.workers:
+                if not w.alive:
+                    w.start(self.env, self.concurrency)
 
     def close(self) -> None:
         self.stop()
@@ -618,7 +654,9 @@ class ChaosStack:
                 )
             time.sleep(0.5)
 
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "bridge.cli", *args],
             cwd=ROOT,
@@ -711,6 +749,7 @@ def record(acc: Accounting, stack: ChaosStack, **figures: int) -> None:
     FIGURES["alerts_accepted"] += stack.alerts_accepted
     FIGURES["keys"] += len(acc.keys)
     FIGURES["kills"] += stack.kills
+    FIGURES["worker_crashes"] += len(stack.crashes)
     FIGURES["duplicates"] += sum(n - 1 for n in acc.duplicates.values())
     FIGURES["alerts_lost"] += len(acc.missing)
     for name, value in figures.items():
@@ -726,7 +765,7 @@ def assert_exactly_one_incident_per_key(stack: ChaosStack) -> Accounting:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    out = os.environ.get("BRIDGE_CHAOS_FIGURES")
+    out = os.environ.get("CHAOS_FIGURES")
     if out and any(FIGURES.values()):
         Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
 
