@@ -111,7 +111,7 @@ def test_three_identical_deliveries_within_a_second_cost_one_create_and_nothing_
     calls = so.sim.calls()
     writes = calls.get("create", 0) + calls.get("update", 0) + calls.get("note", 0)
     assert writes == 1
-    assert writes / 3 < 0.34  # ITSM writes per alert
+    print(f"HA copies: 3 deliveries, {writes} ITSM write, {writes / 3:.2f} writes per alert")
 
 
 def test_an_unchanged_snapshot_after_the_interval_writes_nothing(so):

@@ -86,7 +86,9 @@ def status_of(incident: dict) -> str:
     return incident.get("statusName") or incident.get("status") or ""
 
 
-def test_storm_of_10000_alerts_over_100_keys_makes_exactly_100_incidents(stack_factory, itsm_sim):
+def test_storm_of_10000_alerts_over_100_keys_makes_exactly_100_incidents(
+    stack_factory, itsm_sim, record_property
+):
     stack = stack_factory(itsm_sim, bridge_dedup_update_interval_s=3600)
     fingerprints = [f"{i:016x}" for i in range(100)]
     order = fingerprints * 100
@@ -107,6 +109,9 @@ def test_storm_of_10000_alerts_over_100_keys_makes_exactly_100_incidents(stack_f
     assert calls.get("update", 0) + calls.get("note", 0) <= 100
     assert calls.get("token_password", 0) + calls.get("token_refresh", 0) == 1
     assert stack.dead_letters() == 0
+    writes = calls.get("create", 0) + calls.get("update", 0) + calls.get("note", 0)
+    record_property("itsm_writes_per_alert", writes / 10_000)
+    print(f"storm: 10000 alerts, {writes} ITSM writes, {writes / 10_000:.4f} writes per alert")
 
 
 def test_resolution_resolves_the_incident(stack_factory, serviceops_sim):
