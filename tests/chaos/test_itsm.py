@@ -221,8 +221,6 @@ def test_ambiguous_creates_where_the_itsm_cannot_search_are_dead_lettered_not_re
     finds the incident by its key tag and purges the entry (or replays it when none)."""
     broker, state = redis_servers
     sim = sim_factory("itsm")
-    sim.commit_then_fail(3, 502)
-    sim.hang_next(3, 1.5, operations=("create",))
     stack = stack_factory(
         broker_url=broker.url(),
         redis_url=state.url(),
@@ -230,9 +228,15 @@ def test_ambiguous_creates_where_the_itsm_cannot_search_are_dead_lettered_not_re
         extra_env={"BRIDGE_ITSM_READ_TIMEOUT_S": "1"},
     )
     stack.start()
-    fingerprints = [f"c{i:07x}" for i in range(10)]
-    payload = am_payload([am_alert(fp) for fp in fingerprints])
-    stack.publish_until_accepted("alertmanager", payload)
+    sim.commit_then_fail(3, 502)
+    stack.publish_until_accepted(
+        "alertmanager", am_payload([am_alert(f"c{i:07x}") for i in range(5)])
+    )
+    wait_for(lambda: len(stack.dead_letters()) == 3, timeout=60, what="three dead letters")
+    sim.hang_next(3, 1.5, operations=("create",))
+    stack.publish_until_accepted(
+        "alertmanager", am_payload([am_alert(f"e{i:07x}") for i in range(5)])
+    )
     wait_for(lambda: len(stack.dead_letters()) == 6, timeout=60, what="six dead letters")
     acc = stack.settle(timeout=60)
     assert {e.reason for e in acc.dead_letters} == {"ambiguous_create"}
