@@ -88,14 +88,16 @@ class RedisServer:
     """A redis-server of our own: AOF with fsync on every write, so a SIGKILL loses nothing
     that was acknowledged (the broker's contract for an accepted alert)."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, password: str = "") -> None:
+        self.password = password
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -109,12 +111,15 @@ class RedisServer:
                 "--maxmemory-policy", "noeviction",
                 "--dir", str(self.dir),
                 "--logfile", str(self.dir / "redis.log"),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-        client = redis_lib.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis_lib.Redis(
+            port=self.port, password=self.password or None, socket_connect_timeout=0.5
+        )
         try:
             wait_for(lambda: _ping(client), timeout=15, interval=0.05, what="redis-server")
         finally:
@@ -134,7 +139,9 @@ class RedisServer:
         self.start()
 
     def client(self, db: int = 0) -> redis_lib.Redis:
-        return redis_lib.Redis(port=self.port, db=db, socket_timeout=5)
+        return redis_lib.Redis(
+            port=self.port, db=db, password=self.password or None, socket_timeout=5
+        )
 
 
 def _ping(client: redis_lib.Redis) -> bool:
