@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from bridge.alert import Alert, Severity
 
 _SCRIPT = Path(__file__).with_name("dedup.lua").read_text()
@@ -150,18 +152,34 @@ class StateStore:
         args = [op, repr(self._clock()), token, self._policy.state_ttl_s, *extra]
         return self._script(keys=self._keys(key), args=args, client=client)
 
+    def _queue(self, pipe: Any, key: str, token: str, *extra: Any) -> None:
+        # EVALSHA straight into the pipeline: a Script object would make redis-py send
+        # SCRIPT EXISTS before every pipeline, one more round trip per message.
+        args = ["decide", repr(self._clock()), token, self._policy.state_ttl_s, *extra]
+        pipe.evalsha(self._script.sha, 2, *self._keys(key), *args)
+
     def decide_many(self, alerts: Sequence[Alert], tokens: Sequence[str]) -> list[Outcome]:
         """Decide every alert of one message in one round trip, in order.
 
         The same round trip counts the alerts in ``{prefix}:stats`` (field ``alerts``),
         which is how operators and tests account for every alert taken off the broker.
         """
+        try:
+            replies = self._decide_pipeline(alerts, tokens).execute()
+        except NoScriptError:
+            # Redis restarted or its script cache was flushed: load it and decide again
+            # (a repeated decision for the same token is answered from the state).
+            self._redis.script_load(_SCRIPT)
+            replies = self._decide_pipeline(alerts, tokens).execute()
+        return [Outcome.from_reply(r) for r in replies[1:]]
+
+    def _decide_pipeline(self, alerts: Sequence[Alert], tokens: Sequence[str]) -> Any:
         p = self._policy
         pipe = self._redis.pipeline(transaction=False)
         pipe.hincrby(f"{self._prefix}:stats", "alerts", len(alerts))
         for alert, token in zip(alerts, tokens, strict=True):
-            self._run(
-                "decide",
+            self._queue(
+                pipe,
                 alert.key,
                 token,
                 alert.status.value,
@@ -174,9 +192,8 @@ class StateStore:
                 alert.identity if p.group_mode else "",
                 content_digest(alert),
                 "1" if alert.source in SNAPSHOT_SOURCES else "0",
-                client=pipe,
             )
-        return [Outcome.from_reply(r) for r in pipe.execute()[1:]]
+        return pipe
 
     def decide(self, alert: Alert, token: str) -> Outcome:
         return self.decide_many([alert], [token])[0]

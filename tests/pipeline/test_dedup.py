@@ -291,3 +291,8 @@ def test_a_changed_snapshot_counts_as_an_occurrence(store, clock):
     outcome = store.decide(snapshot(summary="disk fuller"), "changed")
     assert outcome.decision == Decision.COALESCED_UPDATE
     assert outcome.pending_count == 1
+
+
+def test_decisions_survive_a_flushed_script_cache(store, redis_conn):
+    redis_conn.script_flush()
+    assert decide(store, alert()) == Decision.CREATE
