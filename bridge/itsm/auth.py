@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -164,6 +164,10 @@ class TokenProvider:
         self._thread_lock = threading.Lock()
         self._pid = os.getpid()
         self._local: _Token | None = None
+        # Ids of tokens the ITSM refused in this process. A thread that read the shared
+        # token just before another thread dropped it could otherwise put the refused
+        # token back in memory and hand it to a retry.
+        self._rejected: deque[str] = deque(maxlen=8)
         self._failure: tuple[float, ItsmError] | None = None
         self.token_requests: Counter[str] = Counter()  # by grant: "password", "refresh"
 
@@ -187,6 +191,7 @@ class TokenProvider:
         thread or process survives, so N concurrent 401s lead to one new token.
         """
         token_id = _token_id(authorization.removeprefix("Bearer ").strip())
+        self._rejected.append(token_id)
         local = self._local
         if local is not None and local.id == token_id:
             self._local = None
@@ -202,14 +207,14 @@ class TokenProvider:
 
     def _get(self) -> _Token:
         token = self._local
-        if token is not None and self._clock() < token.renew_at:
+        if token is not None and self._clock() < token.renew_at and token.id not in self._rejected:
             return token  # the hot path: no lock, no Redis
         return self._current()
 
     def _current(self) -> _Token:
         if os.getpid() != self._pid:
             self._after_fork()
-        local = self._local
+        local = self._usable(self._local)
         if not self._thread_lock.acquire(blocking=False):
             # Another thread is renewing. A token still inside its life is good enough
             # meanwhile; only an expired or missing one makes us wait for the result.
@@ -234,7 +239,7 @@ class TokenProvider:
 
     def _current_locked(self) -> _Token:
         now = self._clock()
-        local = self._local
+        local = self._usable(self._local)
         if local is not None and now < local.renew_at:
             return local  # renewed by the thread we waited for
         shared = self._read()
@@ -434,6 +439,11 @@ class TokenProvider:
         except (KeyError, ValueError):
             return None
         if token.owner != self._owner or self._clock() >= token.expires_at:
+            return None
+        return self._usable(token)
+
+    def _usable(self, token: _Token | None) -> _Token | None:
+        if token is None or token.id in self._rejected:
             return None
         return token
 
