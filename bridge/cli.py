@@ -208,7 +208,7 @@ def publish(ctx: click.Context, fmt: str, file: Any) -> None:
 
 @main.group(context_settings=CONTEXT)
 def dlq() -> None:
-    """List, inspect, replay and purge dead letters.
+    """List, inspect, replay, adopt and purge dead letters.
 
     \b
     Example:
@@ -376,6 +376,36 @@ def dlq_replay(ctx, entry_ids, everything, reason, source, key, older_than, newe
     click.echo(f"replayed {len(entries)}, succeeded {succeeded}, failed again {failed}")
     if failed:
         sys.exit(1)
+
+
+@dlq.command("adopt", context_settings=CONTEXT)
+@click.argument("entry_id")
+@click.option(
+    "--incident", "incident_id", type=int, required=True, help="Numeric id of the incident."
+)
+@click.pass_context
+def dlq_adopt(ctx, entry_id, incident_id):
+    """Tell the bridge a dead-lettered create did land, as incident ID.
+
+    For `ambiguous_create` entries on an ITSM that cannot be searched: the key waits
+    for this answer, so no second incident is created. What the key saw meanwhile
+    (occurrences, a resolve) is written to the adopted incident; the entry is removed.
+    If you found no incident, replay the entry instead.
+
+    \b
+    Example:
+      bridge dlq adopt 1764384000000-1a2b3c4d --incident 4711
+    """
+    rt = _runtime(ctx)
+    _setup_logging(rt.settings)
+    entry = rt.dlq.get(entry_id)
+    if entry is None:
+        raise click.ClickException(f"{entry_id}: no such dead letter (see `bridge dlq list`)")
+    result = rt.pipeline.adopt(entry, incident_id)
+    if result.status != "done":
+        raise click.ClickException(f"{entry_id}: {result.detail}")
+    rt.dlq.remove(entry.id)
+    click.echo(f"{entry_id}: {result.detail} for key {entry.key}")
 
 
 @dlq.command("purge", context_settings=CONTEXT)

@@ -13,6 +13,8 @@
 --           snapshots (Alertmanager, Grafana): an unchanged snapshot is not an occurrence
 -- created:  ARGV[5] incident id, ARGV[6] display number
 -- settle:   ARGV[5] the hold timestamp the settle was scheduled for
+-- release:  ARGV[5] "1" to keep a claim whose create may have been applied (held for an
+--           operator: `bridge dlq adopt` or `bridge dlq replay`)
 --
 -- Hash fields (short names keep a tracked key small):
 --   ph phase (c creating, o open, r resolved)   gen transition counter
@@ -23,7 +25,7 @@
 --   ws/ps severity rank written / peak seen      ra resolved at
 --   pr resolve pending while creating           fc/fs flap cycles and window start
 --   fl flapping (1)                              hr resolve held while flapping (timestamp)
---   ch content digest last seen
+--   ch content digest last seen               hd claim held after an ambiguous create
 
 local st, members = KEYS[1], KEYS[2]
 local op, now, token, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -104,7 +106,7 @@ if op == 'decide' then
 
   if ph == 'c' then
     if status == 'firing' then
-      if now - num(s.ca, now) > lease then
+      if now - num(s.ca, now) > lease and not s.hd then
         -- the creator went silent for longer than its lease: take the claim over
         return transition('takeover', {cl = token, ca = now, ps = math.max(num(s.ps, 0), sev)})
       end
@@ -189,7 +191,7 @@ elseif op == 'created' then
   if s.ph ~= 'c' then return reply('stale') end
   local resolve_now = s.pr == '1'
   save({ph = resolve_now and 'r' or 'o', id = ARGV[5], dn = ARGV[6], cl = false, ca = false,
-        inf = false, pr = false, lu = now, ra = resolve_now and now or false})
+        inf = false, hd = false, pr = false, lu = now, ra = resolve_now and now or false})
   return reply(resolve_now and 'resolve' or 'open')
 
 elseif op == 'inflight' then
@@ -212,8 +214,14 @@ elseif op == 'not_applied' then
   return reply('cleared')
 
 elseif op == 'release' then
-  -- a create was given up (dead-lettered): forget the claim so the next alert may create
+  -- a create was given up (dead-lettered): forget the claim so the next alert may create,
+  -- unless the create may have landed where nobody can look: then the claim is held and
+  -- later alerts only count, until an operator adopts the incident or replays the create
   if s.ph == 'c' and s.cl == token then
+    if ARGV[5] == '1' and s.inf then
+      save({hd = 1})
+      return reply('held')
+    end
     redis.call('DEL', st, members)
     return {'released', 0, '', '', 0, '', 0, 0, '', '', ''}
   end

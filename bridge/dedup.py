@@ -215,8 +215,15 @@ class StateStore:
         """'open', 'resolve' (a resolve arrived meanwhile) or 'stale' (not our claim)."""
         return Outcome.from_reply(self._run("created", key, token, incident_id, display or ""))
 
-    def release_claim(self, key: str, token: str) -> Outcome:
-        return Outcome.from_reply(self._run("release", key, token))
+    def release_claim(self, key: str, token: str, *, hold_if_inflight: bool = False) -> Outcome:
+        """Forget a given-up create's claim: 'released', 'held' or 'stale'.
+
+        With ``hold_if_inflight`` a claim whose create may have been applied is kept
+        ('held'): the key then waits for an operator instead of creating again.
+        """
+        return Outcome.from_reply(
+            self._run("release", key, token, "1" if hold_if_inflight else "0")
+        )
 
     def settle(self, key: str, token: str, hold: str) -> Outcome:
         return Outcome.from_reply(self._run("settle", key, token, hold))

@@ -236,12 +236,19 @@ class Pipeline:
     ) -> IntakeResult:
         """Decide every alert of one message and submit the actions they need."""
         result = IntakeResult()
+        if not isinstance(message, dict):
+            # Placed on the queue by hand or by a foreign producer: keep it, say why.
+            detail = f"the intake message is a {type(message).__name__}, not an envelope object"
+            message = {"payload": message}
+            result.dead_letter = self._dead_letter_message(message, Reason.INVALID_PAYLOAD, detail)
+            self._observe("rejected", source="unknown", reason="invalid_payload")
+            return result
         if redelivered and self._too_many_deliveries(message_id):
             detail = f"delivered more than {POISON_DELIVERIES} times; it stops its worker"
             result.dead_letter = self._dead_letter_message(message, Reason.POISON, detail)
             return result
         fmt = str(message.get("format", ""))
-        received_at = float(message.get("received_at") or self._clock())
+        received_at = self._received_at(message)
         try:
             alerts = self.parse(fmt, message.get("payload"))
         except sources.InvalidPayload as exc:
@@ -306,9 +313,19 @@ class Pipeline:
             alerts[i], outcomes[i] = alert, outcome
         return alerts, outcomes
 
+    def _received_at(self, message: dict[str, Any]) -> float:
+        """When the ingest accepted the message; now when the envelope does not say."""
+        value = message.get("received_at")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return self._clock()
+
     def _dead_letter_message(self, message: dict[str, Any], reason: Reason, detail: str) -> str:
         payload = message.get("payload")
-        text = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+        try:
+            text = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+        except TypeError:
+            text = repr(payload)
         if len(text) > _MAX_STORED_PAYLOAD:
             # a huge poison payload must not turn the dead-letter store into the next problem
             text = text[:_MAX_STORED_PAYLOAD] + f"...[truncated, {len(text)} characters in all]"
@@ -321,7 +338,7 @@ class Pipeline:
             fmt=str(message.get("format", "")),
             payload=text,
             attempts=1,
-            first_seen=float(message.get("received_at") or self._clock()),
+            first_seen=self._received_at(message),
         )
         log.warning("dead-lettered", reason=str(reason), detail=detail, dlq_id=entry_id)
         self._observe("dead_letter", reason=str(reason))
@@ -371,7 +388,12 @@ class Pipeline:
 
     def _give_up(self, action: Action, reason: Reason, detail: str, bound: Any) -> ActionResult:
         if action.decision in _CREATES:
-            self.store.release_claim(action.key, action.token)
+            released = self._release_create(action)
+            if released.decision == "held":
+                detail = (
+                    f"{detail} (the key waits: `bridge dlq adopt ENTRY --incident ID` if the "
+                    "incident exists, `bridge dlq replay ENTRY` if it does not)"
+                )
         alert = action.alert
         entry_id = self.dlq.add(
             reason=reason,
@@ -388,6 +410,12 @@ class Pipeline:
         bound.warning(f"dead-lettered: {reason}", detail=detail, dlq_id=entry_id)
         self._observe("dead_letter", reason=str(reason))
         return ActionResult("dead_lettered", detail)
+
+    def _release_create(self, action: Action) -> Outcome:
+        # Where the ITSM cannot be searched, a create that may have landed keeps its claim:
+        # releasing it would let the next alert of the key create a second incident.
+        hold = not self.client.can_search and self.settings.itsm_ambiguous_create != "create"
+        return self.store.release_claim(action.key, action.token, hold_if_inflight=hold)
 
     def perform(self, action: Action) -> ActionResult:
         """One action under the key's lock; raises ItsmError for the caller to retry."""
@@ -438,8 +466,7 @@ class Pipeline:
             if policy != "create":
                 raise AmbiguousCreate(
                     "an earlier create for this key may have been applied and this ITSM "
-                    "cannot be searched; check for the incident tagged with the key, "
-                    "then replay this entry"
+                    "cannot be searched; look for the incident tagged with the key"
                 )
         alert = Alert.from_dict(action.alert)
         adopted = ref is not None
@@ -604,6 +631,9 @@ class Pipeline:
             return ActionResult("done", f"{result.alerts} alerts, {result.actions} actions")
         action = Action.from_dict(orjson.loads(entry.payload))
         if action.decision in _CREATES:
+            if entry.reason == Reason.AMBIGUOUS_CREATE:
+                # The operator looked and found no incident: drop the held claim.
+                self.store.release_claim(action.key, action.token)
             # The claim was released when this was dead-lettered: decide again, so an
             # incident created meanwhile is found instead of created twice.
             alert = Alert.from_dict(action.alert)
@@ -616,8 +646,35 @@ class Pipeline:
             return self.perform(replace(action, attempt=0, first_seen=self._clock()))
         except (ItsmError, OSError, KeyBusy, AmbiguousCreate) as exc:
             if action.decision in _CREATES:
-                self.store.release_claim(action.key, action.token)
+                self._release_create(action)
             return ActionResult("failed", _detail(exc))
+
+    def adopt(self, entry: DeadLetter, incident_id: int) -> ActionResult:
+        """Record that a dead-lettered create did land, as incident ``incident_id``.
+
+        The operator's answer to an ambiguous create on an ITSM that cannot be searched:
+        the key's held claim becomes that incident, and what the key saw meanwhile
+        (occurrences, a resolve) is applied to it.
+        """
+        if entry.kind != "action":
+            return ActionResult("failed", "only a dead-lettered create can be adopted")
+        action = Action.from_dict(orjson.loads(entry.payload))
+        if action.decision not in _CREATES:
+            return ActionResult("failed", f"the entry is a {action.decision}, not a create")
+        try:
+            ref = self.client.get(IncidentRef(incident_id)).ref
+            recorded = self.store.record_created(action.key, action.token, ref.id, ref.display)
+            if recorded.decision == "stale":
+                return ActionResult(
+                    "failed", "the key is not waiting for a create any more; nothing adopted"
+                )
+            log.info(f"adopted {ref}", key=action.key, incident_id=ref.id, dlq_id=entry.id)
+            self._observe("effect", effect="adopted")
+            if recorded.decision == "resolve":
+                self._apply_resolution(action, ref)
+        except (ItsmError, OSError) as exc:
+            return ActionResult("failed", _detail(exc))
+        return ActionResult("done", f"adopted {ref}", incident=ref)
 
 
 def _detail(exc: BaseException) -> str:

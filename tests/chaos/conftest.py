@@ -40,7 +40,7 @@ from bridge.dlq import DeadLetterStore
 from bridge.itsm.simulator import Simulator
 from bridge.pipeline import envelope
 from bridge.settings import load_settings
-from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
+from tests.conftest import IN_CI, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
@@ -280,8 +280,15 @@ class RabbitNode:
 
 @pytest.fixture(scope="session")
 def rabbit_node() -> Iterator[RabbitNode]:
+    problem = None
     if shutil.which("rabbitmqctl") is None or not Path("/usr/lib/rabbitmq/bin").exists():
-        pytest.skip("rabbitmq-server is not installed")
+        problem = "rabbitmq-server is not installed"
+    elif os.geteuid() != 0:
+        problem = "a private RabbitMQ node is started as the rabbitmq user, which needs root"
+    if problem:
+        if IN_CI:
+            pytest.fail(problem)
+        pytest.skip(problem)
     base = Path(tempfile.mkdtemp(prefix="bridge-chaos-rmq-"))
     node = RabbitNode(base)
     node.start()
@@ -341,6 +348,17 @@ def sim_factory() -> Iterator[Callable[..., Simulator]]:
 # ------------------------------------------------------------------ the bridge
 
 
+def _age_s(pid: int) -> float:
+    """Seconds since the process started (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        return 0.0
+    started = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return uptime - started
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -381,7 +399,9 @@ class WorkerInstance:
         return _children(self.proc.pid) if self.alive and self.proc else []
 
     def kill_child(self, rng: random.Random) -> bool:
-        kids = self.children()
+        # a child killed while it is still starting makes billiard give up on the whole
+        # pool ("Could not start worker processes"): kill only children at work
+        kids = [k for k in self.children() if _age_s(k) >= 1.5]
         if not kids:
             return False
         with contextlib.suppress(ProcessLookupError):

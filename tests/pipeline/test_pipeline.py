@@ -217,6 +217,60 @@ def test_ambiguous_create_without_search_is_dead_lettered_by_default(itsm_sim, r
     assert [e.reason for e in entries] == [Reason.AMBIGUOUS_CREATE]
 
 
+def _ambiguous_create(h, fingerprint: str, *, lands: bool):
+    """Send a first alert for ``fingerprint`` whose create ends dead-lettered as ambiguous."""
+    h.send(am_alert("warm-up"))  # the token is in hand; the next call is the create
+    if lands:
+        h.sim.hang_next(1, 2.0)  # applied at once, answered too late
+    else:
+        h.sim.fail_next(1, 502, operations=("create",))  # refused, but nobody can tell
+    h.send(am_alert(fingerprint))
+    (entry,) = h.rt.dlq.list()
+    assert entry.reason == Reason.AMBIGUOUS_CREATE
+    return entry
+
+
+def test_a_key_whose_create_may_have_landed_creates_nothing_more(itsm_sim, redis_client):
+    h = Harness(itsm_sim, redis_client, itsm_read_timeout_s=0.5)
+    _ambiguous_create(h, "a1", lands=True)
+    creates = h.sim.calls()["create"]
+    h.send(am_alert("a1", severity="critical"))
+    h.clock.now += h.settings.dedup_claim_lease_s + 1  # no takeover of a held claim either
+    h.send(am_alert("a1", severity="critical"))
+    assert h.sim.calls()["create"] == creates
+    assert len(h.rt.dlq.list()) == 1
+
+
+def test_adopting_a_landed_create_binds_the_key_to_that_incident(itsm_sim, redis_client):
+    h = Harness(itsm_sim, redis_client, itsm_read_timeout_s=0.5)
+    entry = _ambiguous_create(h, "a1", lands=True)
+    h.send(am_alert("a1", status="resolved"))  # waits for the operator's answer
+    landed = max(int(i["id"]) for i in h.sim.incidents())
+    assert h.pipeline.adopt(entry, landed).status == "done"
+    adopted = next(i for i in h.sim.incidents() if int(i["id"]) == landed)
+    assert status(adopted) == "Resolved", "the resolve seen meanwhile is applied"
+
+
+def test_adopting_a_missing_incident_fails_and_keeps_the_key_waiting(itsm_sim, redis_client):
+    h = Harness(itsm_sim, redis_client, itsm_read_timeout_s=0.5)
+    entry = _ambiguous_create(h, "a1", lands=False)
+    result = h.pipeline.adopt(entry, 999_999)
+    assert result.status == "failed"
+    creates = h.sim.calls()["create"]
+    h.send(am_alert("a1", severity="critical"))
+    assert h.sim.calls()["create"] == creates
+
+
+def test_replaying_a_create_that_did_not_land_creates_it_once(itsm_sim, redis_client):
+    h = Harness(itsm_sim, redis_client, itsm_read_timeout_s=0.5)
+    entry = _ambiguous_create(h, "a1", lands=False)
+    assert len(h.sim.incidents()) == 1  # the warm-up's
+    assert h.pipeline.replay(entry).status == "done"
+    assert len(h.sim.incidents()) == 2
+    h.send(am_alert("a1", severity="critical"))
+    assert len(h.sim.incidents()) == 2
+
+
 def test_permanent_rejection_is_dead_lettered_with_the_server_message(so):
     so.sim.fail_next(1, 400, operations=("create",), body='{"userMessage":"subject too long"}')
     so.send(am_alert("a1"))
