@@ -45,6 +45,7 @@ from tests.conftest import IN_CI, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
 # Figures of the run, written at the end of the session for docs/reliability.md.
+SCENARIOS: dict[str, dict[str, Any]] = {}
 FIGURES: dict[str, Any] = {
     "kills": 0,
     "broker_restarts": 0,
@@ -517,6 +518,7 @@ class ChaosStack:
         self._supervisor: threading.Thread | None = None
         self._broker_queued = broker_queued
         self._rng = random.Random(1234)
+        self.started_at = time.monotonic()
 
     # -------------------------------------------------------------- processes
 
@@ -772,7 +774,20 @@ def storm(n_keys: int, repeats: int, batch: int, seed: int, tag: str = "") -> li
 
 
 def record(acc: Accounting, stack: ChaosStack, **figures: int) -> None:
-    """Add one scenario's outcome to the run's figures."""
+    """Add one scenario's outcome to the run's figures, in total and per scenario."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "unknown").split(" ")[0].split("::")[-1]
+    SCENARIOS[test] = {
+        "alerts_accepted": stack.alerts_accepted,
+        "keys": len(acc.keys),
+        "incidents": sum(len(v) for v in acc.incidents.values()),
+        "dead_letters_left": len(acc.dead_letters),
+        "kills": stack.kills,
+        "worker_crashes": len(stack.crashes),
+        "duplicates": sum(n - 1 for n in acc.duplicates.values()),
+        "alerts_lost": len(acc.missing),
+        "seconds": round(time.monotonic() - stack.started_at, 1),
+        **figures,
+    }
     FIGURES["alerts_accepted"] += stack.alerts_accepted
     FIGURES["keys"] += len(acc.keys)
     FIGURES["kills"] += stack.kills
@@ -794,7 +809,8 @@ def assert_exactly_one_incident_per_key(stack: ChaosStack) -> Accounting:
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     out = os.environ.get("CHAOS_FIGURES")
     if out and any(FIGURES.values()):
-        Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+        report = {"totals": FIGURES, "scenarios": SCENARIOS}
+        Path(out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = [
