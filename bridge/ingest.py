@@ -207,7 +207,9 @@ def _read_body(environ: Mapping[str, Any], limit: int) -> bytes:
         try:
             declared = int(raw_length)
         except ValueError:
-            raise _Reject(400, "invalid_json", "invalid Content-Length") from None
+            raise _Reject(
+                400, "invalid_json", "Content-Length: not a number of bytes", "Content-Length"
+            ) from None
         if declared > limit:
             raise too_large
     stream = environ["wsgi.input"]
