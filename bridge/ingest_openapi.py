@@ -17,17 +17,24 @@ import orjson
 
 _GENERIC_SCHEMA = ("bridge.sources", "schemas/generic.schema.json")
 
-_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_LABELS = {
+    "type": "object",
+    "propertyNames": {"minLength": 1},
+    "additionalProperties": {"type": "string"},
+}
+# Not blank: at least one character that is not white space.
+_NOT_BLANK = {"type": "string", "pattern": "\\S"}
 
 _ALERTMANAGER: dict[str, Any] = {
     "type": "object",
     "description": "Alertmanager webhook payload (version 4); every delivery is a full "
     "snapshot of the group.",
-    "required": ["alerts"],
+    "required": ["version", "alerts"],
     "properties": {
-        "version": {"type": "string", "examples": ["4"]},
+        "version": {"const": "4"},
         "groupKey": {"type": "string"},
-        "truncatedAlerts": {"type": "integer", "minimum": 0},
+        # Alertmanager's own type is uint64.
+        "truncatedAlerts": {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
         "status": {"enum": ["firing", "resolved"]},
         "receiver": {"type": "string"},
         "groupLabels": _LABELS,
@@ -38,7 +45,12 @@ _ALERTMANAGER: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["labels"],
+                "description": "An alert without labels needs a fingerprint (its identity).",
+                "required": ["status", "labels"],
+                "anyOf": [
+                    {"properties": {"labels": {"minProperties": 1}}},
+                    {"required": ["fingerprint"], "properties": {"fingerprint": {"minLength": 1}}},
+                ],
                 "properties": {
                     "status": {"enum": ["firing", "resolved"]},
                     "labels": _LABELS,
@@ -57,7 +69,9 @@ _GRAFANA = copy.deepcopy(_ALERTMANAGER)
 _GRAFANA["description"] = (
     "Grafana webhook contact point payload: the Alertmanager shape plus Grafana's fields."
 )
+_GRAFANA["required"] = ["alerts"]
 _GRAFANA["properties"] |= {
+    "version": {"type": "string", "description": 'Not checked (Grafana sends "1").'},
     "orgId": {"type": "integer"},
     "title": {"type": "string"},
     "state": {"type": "string"},
@@ -65,6 +79,7 @@ _GRAFANA["properties"] |= {
 }
 _GRAFANA["properties"]["alerts"]["items"]["properties"] |= {
     "values": {"type": ["object", "null"]},
+    "valueString": {"type": "string"},
     "silenceURL": {"type": "string"},
     "dashboardURL": {"type": "string"},
     "panelURL": {"type": "string"},
@@ -74,17 +89,33 @@ _PAGERDUTY = {
     "type": "object",
     "description": "PagerDuty Events API v2 event. Without an Authorization header the "
     "routing_key must be one of the ingest tokens.",
-    "required": ["event_action"],
+    "required": ["routing_key", "event_action"],
+    "allOf": [
+        {
+            "if": {
+                "required": ["event_action"],
+                "properties": {"event_action": {"const": "trigger"}},
+            },
+            "then": {"required": ["payload"]},
+        },
+        {
+            "if": {
+                "required": ["event_action"],
+                "properties": {"event_action": {"enum": ["acknowledge", "resolve"]}},
+            },
+            "then": {"required": ["dedup_key"], "properties": {"dedup_key": {"minLength": 1}}},
+        },
+    ],
     "properties": {
-        "routing_key": {"type": "string"},
+        "routing_key": _NOT_BLANK,
         "event_action": {"enum": ["trigger", "acknowledge", "resolve"]},
         "dedup_key": {"type": "string", "maxLength": 255},
         "payload": {
             "type": "object",
             "required": ["summary", "source", "severity"],
             "properties": {
-                "summary": {"type": "string", "maxLength": 1024},
-                "source": {"type": "string"},
+                "summary": {**_NOT_BLANK, "maxLength": 1024},
+                "source": _NOT_BLANK,
                 "severity": {"enum": ["critical", "error", "warning", "info"]},
                 "timestamp": {"type": "string", "format": "date-time"},
                 "component": {"type": "string"},
@@ -93,8 +124,26 @@ _PAGERDUTY = {
                 "custom_details": {},
             },
         },
-        "images": {"type": "array"},
-        "links": {"type": "array"},
+        "images": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["src"],
+                "properties": {
+                    "src": _NOT_BLANK,
+                    "href": {"type": "string"},
+                    "alt": {"type": "string"},
+                },
+            },
+        },
+        "links": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["href"],
+                "properties": {"href": _NOT_BLANK, "text": {"type": "string"}},
+            },
+        },
         "client": {"type": "string"},
         "client_url": {"type": "string"},
     },
