@@ -1,8 +1,9 @@
--- The incident state machine: one atomic step per call, on one key's hash.
+-- The incident state machine: atomic steps on one key's hash.
 --
 -- KEYS[1]  state hash of the incident key
 -- KEYS[2]  set of firing member identities (group_by mode; unused in identity mode)
--- ARGV[1]  operation: decide | created | inflight | not_applied | release | settle | recreate
+-- ARGV[1]  operation: decide | decide_many | created | inflight | not_applied | release |
+--          settle | recreate
 -- ARGV[2]  now (seconds, float)
 -- ARGV[3]  token: names the alert occurrence (or action) doing the step
 -- ARGV[4]  ttl of the state (seconds)
@@ -11,6 +12,13 @@
 --           ARGV[12] member identity ("" = identity mode), ARGV[13] content digest of the
 --           alert (summary, description, severity), ARGV[14] "1" when the source re-sends
 --           snapshots (Alertmanager, Grafana): an unchanged snapshot is not an occurrence
+-- decide_many: the decide step for every alert of one message, in order, in one call (one
+--           reply per alert, as decide's). KEYS[1] the stats hash (field `alerts` counts the
+--           alerts), then per alert its state hash and, in group_by mode, its member set.
+--           ARGV[3] unused, ARGV[5..9] update interval, reopen window, claim lease, flap
+--           threshold, flap window, ARGV[10] "1" in group_by mode, then per alert: token,
+--           status, severity rank, content digest, snapshot flag and, in group_by mode, the
+--           member identity
 -- created:  ARGV[5] incident id, ARGV[6] display number
 -- settle:   ARGV[5] the hold timestamp the settle was scheduled for
 -- release:  ARGV[5] "1" to keep a claim whose create may have been applied (held for an
@@ -27,12 +35,17 @@
 --   fl flapping (1)                              hr resolve held while flapping (timestamp)
 --   ch content digest last seen               hd claim held after an ambiguous create
 
-local st, members = KEYS[1], KEYS[2]
-local op, now, token, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local op, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+-- the key being stepped (its state hash, member set, the step's token, the hash's fields);
+-- set by load() before every step
+local st, members, token, s
 
-local s = {}
-local flat = redis.call('HGETALL', st)
-for i = 1, #flat, 2 do s[flat[i]] = flat[i + 1] end
+local function load(state_key, members_key, step_token)
+  st, members, token = state_key, members_key, step_token
+  s = {}
+  local flat = redis.call('HGETALL', st)
+  for i = 1, #flat, 2 do s[flat[i]] = flat[i + 1] end
+end
 
 local function num(v, default) return tonumber(v) or default end
 
@@ -70,12 +83,9 @@ local function transition(dec, fields)
   return reply(dec)
 end
 
-if op == 'decide' then
-  local status, sev = ARGV[5], tonumber(ARGV[6])
-  local interval, window, lease = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-  local flap_n, flap_win, member = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
-  local digest, snapshot = ARGV[13], ARGV[14] == '1'
-
+-- decide: one alert's step on the loaded key (the state machine of an occurrence)
+local function decide(status, sev, interval, window, lease, flap_n, flap_win, member, digest,
+                      snapshot)
   if s.tok == token then return reply(s.dec) end
 
   -- group_by mode: the incident stays firing while any member fires
@@ -184,6 +194,32 @@ if op == 'decide' then
       fl = false, fc = false, fs = false, hr = false, ra = false, pr = false, lu = false})
   end
   return reply('ignore_orphan')
+end
+
+if op == 'decide_many' then
+  -- every alert of one message in one call, in order; KEYS[1] is the stats hash whose field
+  -- `alerts` counts them
+  local interval, window, lease = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  local flap_n, flap_win, grouped = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10] == '1'
+  local stride, nkeys = grouped and 6 or 5, grouped and 2 or 1
+  local count = (#ARGV - 10) / stride
+  local out = {}
+  for i = 0, count - 1 do
+    local a, k = 10 + i * stride, 2 + i * nkeys
+    load(KEYS[k], grouped and KEYS[k + 1] or nil, ARGV[a + 1])
+    out[i + 1] = decide(ARGV[a + 2], tonumber(ARGV[a + 3]), interval, window, lease, flap_n,
+                        flap_win, grouped and ARGV[a + 6] or '', ARGV[a + 4], ARGV[a + 5] == '1')
+  end
+  redis.call('HINCRBY', KEYS[1], 'alerts', count)
+  return out
+end
+
+load(KEYS[1], KEYS[2], ARGV[3])
+
+if op == 'decide' then
+  return decide(ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
+                tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12], ARGV[13],
+                ARGV[14] == '1')
 
 elseif op == 'created' then
   -- the create succeeded. Whoever holds the claim now, this incident exists and must be

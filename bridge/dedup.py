@@ -3,7 +3,8 @@
 Every step runs ``dedup.lua`` on one key's hash, so no interleaving of workers can
 create two incidents for one key (claim before create), and a message delivered
 twice gets the same decision twice (the step remembers the token of its last
-transition). ``decide_many`` sends all alerts of one message in one round trip.
+transition). ``decide_many`` decides all alerts of one message in one script call
+(one round trip), each alert with its own step on its own key, in order.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ class Decision(enum.StrEnum):
     @property
     def acts(self) -> bool:
         """True when the decision needs an ITSM action."""
-        return self in _ACTING
+        return self in ACTING
 
 
-_ACTING = frozenset(
+ACTING = frozenset(
     {
         Decision.CREATE,
         Decision.TAKEOVER,
@@ -88,23 +89,25 @@ class Outcome:
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Outcome:
-        def text(v: Any) -> str:
-            return v.decode() if isinstance(v, bytes) else str(v)
-
-        dec, gen, iid, dn, n, ns, ws, ps, pid, pdn, hold = (text(v) for v in reply)
+        dec, gen, iid, dn, n, ns, ws, ps, pid, pdn, hold = reply
+        # int() and float() read bytes and str alike; only the text fields need decoding
         return cls(
-            decision=dec,
+            decision=_text(dec),
             gen=int(gen),
             incident_id=int(iid) if iid else None,
-            incident_display=dn or None,
+            incident_display=_text(dn) or None,
             pending_count=int(n),
             pending_since=float(ns) if ns else None,
             severity_written=_SEVERITY_BY_RANK.get(int(ws), Severity.WARNING),
             severity_peak=_SEVERITY_BY_RANK.get(int(ps), Severity.WARNING),
             previous_id=int(pid) if pid else None,
-            previous_display=pdn or None,
-            hold=hold or None,
+            previous_display=_text(pdn) or None,
+            hold=_text(hold) or None,
         )
+
+
+def _text(v: Any) -> str:
+    return v.decode() if type(v) is bytes else str(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,48 +155,55 @@ class StateStore:
         args = [op, repr(self._clock()), token, self._policy.state_ttl_s, *extra]
         return self._script(keys=self._keys(key), args=args, client=client)
 
-    def _queue(self, pipe: Any, key: str, token: str, *extra: Any) -> None:
-        # EVALSHA straight into the pipeline: a Script object would make redis-py send
-        # SCRIPT EXISTS before every pipeline, one more round trip per message.
-        args = ["decide", repr(self._clock()), token, self._policy.state_ttl_s, *extra]
-        pipe.evalsha(self._script.sha, 2, *self._keys(key), *args)
-
     def decide_many(self, alerts: Sequence[Alert], tokens: Sequence[str]) -> list[Outcome]:
-        """Decide every alert of one message in one round trip, in order.
+        """Decide every alert of one message in one script call (one round trip), in order.
 
-        The same round trip counts the alerts in ``{prefix}:stats`` (field ``alerts``),
-        which is how operators and tests account for every alert taken off the broker.
+        Each alert is its own step on its own key, exactly as ``decide``; the call also
+        counts the alerts in ``{prefix}:stats`` (field ``alerts``), which is how operators
+        and tests account for every alert taken off the broker.
         """
-        try:
-            replies = self._decide_pipeline(alerts, tokens).execute()
-        except NoScriptError:
-            # Redis restarted or its script cache was flushed: load it and decide again
-            # (a repeated decision for the same token is answered from the state).
-            self._redis.script_load(_SCRIPT)
-            replies = self._decide_pipeline(alerts, tokens).execute()
-        return [Outcome.from_reply(r) for r in replies[1:]]
-
-    def _decide_pipeline(self, alerts: Sequence[Alert], tokens: Sequence[str]) -> Any:
+        if not alerts:
+            return []
         p = self._policy
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hincrby(f"{self._prefix}:stats", "alerts", len(alerts))
+        prefix = self._prefix
+        group = p.group_mode
+        keys = [f"{prefix}:stats"]
+        argv: list[Any] = [
+            "decide_many",
+            repr(self._clock()),
+            "",
+            p.state_ttl_s,
+            p.update_interval_s,
+            p.reopen_window_s,
+            p.claim_lease_s,
+            p.flap_threshold,
+            p.flap_window_s,
+            "1" if group else "0",
+        ]
         for alert, token in zip(alerts, tokens, strict=True):
-            self._queue(
-                pipe,
-                alert.key,
+            key = alert.key
+            keys.append(f"{prefix}:inc:{key}")
+            argv += (
                 token,
                 alert.status.value,
                 alert.severity.rank,
-                p.update_interval_s,
-                p.reopen_window_s,
-                p.claim_lease_s,
-                p.flap_threshold,
-                p.flap_window_s,
-                alert.identity if p.group_mode else "",
                 content_digest(alert),
                 "1" if alert.source in SNAPSHOT_SOURCES else "0",
             )
-        return pipe
+            if group:
+                keys.append(f"{prefix}:mem:{key}")
+                argv.append(alert.identity)
+        # EVALSHA straight away: a Script object would send SCRIPT EXISTS first, one more
+        # round trip per message.
+        sha = self._script.sha
+        try:
+            replies = self._redis.evalsha(sha, len(keys), *keys, *argv)
+        except NoScriptError:
+            # Redis restarted or its script cache was flushed: load it and decide (nothing
+            # ran: a script that is not there does not start).
+            self._redis.script_load(_SCRIPT)
+            replies = self._redis.evalsha(sha, len(keys), *keys, *argv)
+        return [Outcome.from_reply(r) for r in replies]
 
     def decide(self, alert: Alert, token: str) -> Outcome:
         return self.decide_many([alert], [token])[0]

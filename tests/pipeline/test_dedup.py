@@ -296,3 +296,104 @@ def test_a_changed_snapshot_counts_as_an_occurrence(store, clock):
 def test_decisions_survive_a_flushed_script_cache(store, redis_conn):
     redis_conn.script_flush()
     assert decide(store, alert()) == Decision.CREATE
+
+
+def test_a_message_counts_its_alerts_once_per_delivery(store, redis_conn):
+    alerts = [alert(), alert(key="k2"), alert(Status.RESOLVED, key="k3")]
+    first = store.decide_many(alerts, ["m:0", "m:1", "m:2"])
+    again = store.decide_many(alerts, ["m:0", "m:1", "m:2"])  # the message redelivered
+    assert [o.decision for o in again] == [o.decision for o in first]
+    assert [o.gen for o in again] == [o.gen for o in first]
+    assert int(redis_conn.hget("t:stats", "alerts")) == 6
+
+
+def test_group_mode_members_of_one_message_share_their_key(redis_conn, clock):
+    store = StateStore(redis_conn, replace(POLICY, group_mode=True), prefix="gm", clock=clock)
+    a1, a2 = alert(identity="a"), alert(identity="b")
+    created = store.decide_many([a1, a2], ["c:0", "c:1"])
+    assert [o.decision for o in created] == [Decision.CREATE, Decision.WAIT_FOR_CREATOR]
+    store.record_created("k1", "c:0", 5, "INC-5")
+    resolved = replace(a1, status=Status.RESOLVED), replace(a2, status=Status.RESOLVED)
+    outcomes = store.decide_many(list(resolved), ["r:0", "r:1"])
+    assert [o.decision for o in outcomes] == [Decision.COUNT_ONLY, Decision.RESOLVE]
+    assert redis_conn.scard("gm:mem:k1") == 0
+
+
+def _reference_decide(store: StateStore, a: Alert, token: str):
+    """The single-alert ``decide`` operation of the script, one call per alert."""
+    from bridge.dedup import SNAPSHOT_SOURCES, Outcome, content_digest
+
+    p = store._policy
+    return Outcome.from_reply(
+        store._run(
+            "decide",
+            a.key,
+            token,
+            a.status.value,
+            a.severity.rank,
+            p.update_interval_s,
+            p.reopen_window_s,
+            p.claim_lease_s,
+            p.flap_threshold,
+            p.flap_window_s,
+            a.identity if p.group_mode else "",
+            content_digest(a),
+            "1" if a.source in SNAPSHOT_SOURCES else "0",
+        )
+    )
+
+
+@pytest.mark.parametrize("group_mode", [False, True])
+def test_one_call_per_message_decides_as_one_call_per_alert(redis_conn, clock, group_mode):
+    """Random messages (repeats of a key in one message, redeliveries, creates recorded,
+    time passing): the batched step leaves the same decisions and the same state."""
+    import random
+
+    rng = random.Random(7)
+    policy = replace(POLICY, group_mode=group_mode, update_interval_s=30, reopen_window_s=100)
+    batched = StateStore(redis_conn, policy, prefix="eqb", clock=clock)
+    single = StateStore(redis_conn, policy, prefix="eqs", clock=clock)
+    claims: dict[str, str] = {}
+    seen: set[str] = set()
+    for m in range(250):
+        size = rng.choice([1, 1, 3, 8])
+        alerts = [
+            alert(
+                rng.choice([Status.FIRING] * 4 + [Status.RESOLVED, Status.ACKNOWLEDGED]),
+                rng.choice(list(Severity)),
+                key=f"k{rng.randrange(4)}",
+                identity=f"fp{rng.randrange(3)}",
+                source=rng.choice(["alertmanager", "generic"]),
+                summary=rng.choice(["disk full", "disk fuller"]),
+            )
+            for _ in range(size)
+        ]
+        tokens = [f"m{m}:{i}" for i in range(size)]
+        for _ in range(2 if rng.random() < 0.1 else 1):  # sometimes delivered twice
+            got = batched.decide_many(alerts, tokens)
+            want = [_reference_decide(single, a, t) for a, t in zip(alerts, tokens, strict=True)]
+            assert got == want, f"message {m}"
+        seen.update(o.decision for o in got)
+        for a, t, o in zip(alerts, tokens, got, strict=True):
+            if o.decision in (Decision.CREATE, Decision.NEW_AFTER_WINDOW, Decision.TAKEOVER):
+                claims[a.key] = t
+        if claims and rng.random() < 0.3:
+            key = rng.choice(sorted(claims))
+            token = claims.pop(key)
+            for s in (batched, single):
+                s.record_created(key, token, 7, "INC-7")
+        clock.advance(rng.choice([0, 1, 20, 150]))
+    assert {
+        "create",
+        "wait_for_creator",
+        "skip_unchanged",
+        "coalesced_update",
+        "count_only",
+        "resolve",
+        "reopen",
+        "takeover",
+        "ignore_orphan",
+    } <= seen
+    for k in range(4):
+        assert batched.snapshot(f"k{k}") == single.snapshot(f"k{k}")
+        assert redis_conn.smembers(f"eqb:mem:k{k}") == redis_conn.smembers(f"eqs:mem:k{k}")
