@@ -10,6 +10,7 @@ publishes, ``bridge run``'s replay and tests may supply one that runs inline.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -23,7 +24,7 @@ import structlog
 
 from bridge import keys, sources
 from bridge.alert import Alert, Severity, Status
-from bridge.dedup import Decision, Outcome, StateStore
+from bridge.dedup import ACTING, Decision, Outcome, StateStore
 from bridge.dlq import DeadLetter, DeadLetterStore, Reason
 from bridge.itsm.client import key_tag
 from bridge.itsm.errors import (
@@ -215,12 +216,10 @@ class Pipeline:
                 fmt = detected
             alerts = sources.parse(fmt, payload)
         s = self.settings
-        return [
-            keys.with_key(
-                a, mode=s.dedup_key_mode, group_by=s.dedup_group_by, tenant=s.dedup_tenant
-            )
-            for a in alerts
-        ]
+        # the alerts were just built from the payload: keyed in place, not copied
+        return keys.key_parsed(
+            alerts, mode=s.dedup_key_mode, group_by=tuple(s.dedup_group_by), tenant=s.dedup_tenant
+        )
 
     def _too_many_deliveries(self, message_id: str) -> bool:
         """Count a redelivery; True once a message keeps coming back (it kills its worker)."""
@@ -269,7 +268,10 @@ class Pipeline:
         outcomes = self.store.decide_many(alerts, tokens)
         if self.previous_key_rule is not None:
             alerts, outcomes = self._retry_orphans_with_previous_rule(alerts, tokens, outcomes)
-        log_each = self.settings.log_every_decision
+        # Skipped outright when the level drops them: the processors (redaction, time
+        # stamps) would otherwise run for every alert before the level is looked at.
+        info = _log_enabled(logging.INFO)
+        log_each = info and self.settings.log_every_decision
         for alert, token, outcome in zip(alerts, tokens, outcomes, strict=True):
             decision = outcome.decision
             result.decisions[decision] = result.decisions.get(decision, 0) + 1
@@ -284,10 +286,13 @@ class Pipeline:
                     incident_id=outcome.incident_id,
                     message_id=message_id,
                 )
-            if Decision(decision).acts:
+            if decision in ACTING:
                 self.sink.submit(Action.from_outcome(alert, token, outcome, received_at))
                 result.actions += 1
-        log.debug("message decided", message_id=message_id, alerts=len(alerts), **result.decisions)
+        if info and _log_enabled(logging.DEBUG):
+            log.debug(
+                "message decided", message_id=message_id, alerts=len(alerts), **result.decisions
+            )
         return result
 
     def _retry_orphans_with_previous_rule(
@@ -675,6 +680,16 @@ class Pipeline:
         except (ItsmError, OSError) as exc:
             return ActionResult("failed", _detail(exc))
         return ActionResult("done", f"adopted {ref}", incident=ref)
+
+
+_stdlib_log = logging.getLogger("bridge.pipeline")
+
+
+def _log_enabled(level: int) -> bool:
+    """False when ``log``'s lines at ``level`` would be dropped by the stdlib level."""
+    if not isinstance(structlog.get_config()["logger_factory"], structlog.stdlib.LoggerFactory):
+        return True  # structlog on its own (not routed through stdlib): no level to consult
+    return _stdlib_log.isEnabledFor(level)
 
 
 def _detail(exc: BaseException) -> str:

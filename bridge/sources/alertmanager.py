@@ -10,6 +10,7 @@ groupLabels, truncatedAlerts) come back from ``parse_group`` as a ``GroupInfo``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from bridge.alert import Alert, Severity, Status
@@ -90,14 +91,30 @@ def alerts_of(
     if body.get("alerts") is None:
         raise InvalidPayload("alerts", "is required")
     raw_alerts = expect_list(body["alerts"], "alerts")
+    # times read once per payload: the alerts of one group often share them
+    stamps: dict[str, datetime | None] = {}
     return [
-        _alert(raw, f"alerts[{i}]", source, extra_links, value_annotation)
+        _alert(raw, f"alerts[{i}]", source, extra_links, value_annotation, stamps)
         for i, raw in enumerate(raw_alerts)
     ]
 
 
+def _stamp(value: Any, field: str, stamps: dict[str, datetime | None]) -> datetime | None:
+    if type(value) is str:
+        if value in stamps:
+            return stamps[value]
+        parsed = stamps[value] = timestamp(value, field)
+        return parsed
+    return timestamp(value, field)
+
+
 def _alert(
-    raw: Any, path: str, source: str, extra_links: tuple[str, ...], value_annotation: str
+    raw: Any,
+    path: str,
+    source: str,
+    extra_links: tuple[str, ...],
+    value_annotation: str,
+    stamps: dict[str, datetime | None],
 ) -> Alert:
     item = expect_object(raw, path)
     raw_status = item.get("status")
@@ -133,7 +150,7 @@ def _alert(
         description=annotations.get("description", ""),
         labels=labels,
         annotations=annotations,
-        starts_at=timestamp(item.get("startsAt"), f"{path}.startsAt"),
-        ends_at=timestamp(item.get("endsAt"), f"{path}.endsAt"),
+        starts_at=_stamp(item.get("startsAt"), f"{path}.startsAt", stamps),
+        ends_at=_stamp(item.get("endsAt"), f"{path}.endsAt", stamps),
         links=tuple(dict.fromkeys(link for link in links if link)),
     )

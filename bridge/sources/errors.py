@@ -105,6 +105,8 @@ def string_map(value: Any, field: str) -> dict[str, str]:
     Numbers are not coerced: a sender that puts ``"port": 8080`` in labels gets a
     clear error instead of a label whose value depends on how we printed it.
     """
+    if is_string_map(value):
+        return dict(value)
     if type(value) is not dict:
         raise InvalidPayload(field, f"expected an object, got {type_name(value)}")
     for name, item in value.items():
@@ -114,13 +116,25 @@ def string_map(value: Any, field: str) -> dict[str, str]:
             raise InvalidPayload(
                 member(field, name), f"values must be strings, got {type_name(item)}"
             )
-    return dict(value)
+    return dict(value)  # not reached: is_string_map said no
+
+
+def is_string_map(value: Any) -> bool:
+    """True when ``string_map`` accepts ``value`` (checked without naming any field)."""
+    if type(value) is not dict:
+        return False
+    for name, item in value.items():
+        if type(name) is not str or not name or type(item) is not str:
+            return False
+    return True
 
 
 def optional_string_map(obj: dict[str, Any], name: str, path: str) -> dict[str, str]:
     value = obj.get(name)
     if value is None:
         return {}
+    if is_string_map(value):
+        return dict(value)  # the field's path is only worked out for an error
     return string_map(value, member(path, name))
 
 

@@ -192,3 +192,27 @@ def test_key_is_a_pure_function_of_its_inputs(identity, value, mode):
 
 def test_lone_surrogates_still_hash():
     assert len(identity_key(alert(identity="\ud800"))) == 32
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["alertmanager", "grafana", "generic"]),
+            text,
+            st.dictionaries(st.sampled_from(["alertname", "job", "team"]), text, max_size=3),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(["identity", "group_by"]),
+    text,
+)
+def test_keys_set_once_per_payload_equal_with_key(specs, mode, tenant):
+    from bridge.keys import key_parsed
+
+    alerts = [alert(source, identity, **labels) for source, identity, labels in specs]
+    group_by = ("job", "alertname")
+    want = [with_key(a, mode=mode, group_by=group_by, tenant=tenant).key for a in alerts]
+    got = key_parsed(alerts, mode=mode, group_by=group_by, tenant=tenant)
+    assert got is alerts
+    assert [a.key for a in got] == want
