@@ -239,6 +239,16 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return 0.0
+    # after the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree_rss(pid: int) -> dict[int, int]:
     """RSS of a process and its children (a prefork worker: main process + pool)."""
     pids = [pid, *_children(pid)]
@@ -346,6 +356,14 @@ class Drain:
     total: int
     first_done: int
     seconds: float
+    cpu_s: float = math.nan  # CPU time of the worker processes over the same span
+
+    @property
+    def cpu_us_per_item(self) -> float:
+        """Worker CPU per item done (user + system; noise on a shared machine moves it
+        far less than wall-clock rates)."""
+        done = self.total - self.first_done
+        return self.cpu_s / done * 1e6 if done > 0 else math.nan
 
     @property
     def rate(self) -> float:
@@ -637,6 +655,11 @@ class Harness:
         procs = [p for p in (self.proc, self.act_proc) if p is not None]
         return sum(sum(_tree_rss(p.pid).values()) for p in procs)
 
+    def worker_cpu_s(self) -> float:
+        """CPU seconds used so far by the worker processes (main process and pool)."""
+        procs = [p for p in (self.proc, self.act_proc) if p is not None]
+        return sum(_cpu_seconds(q) for p in procs for q in (p.pid, *_children(p.pid)))
+
     def workers_exited(self) -> bool:
         return any(p is not None and p.poll() is not None for p in (self.proc, self.act_proc))
 
@@ -685,6 +708,7 @@ class Harness:
         start_deadline = time.monotonic() + 90.0
         deadline: float | None = None
         t0: float | None = None
+        cpu0 = 0.0
         first = 0
         last = 0
         while True:
@@ -692,13 +716,15 @@ class Harness:
             done = progress()
             if t0 is None and done > 0:
                 t0, first = now, done
+                cpu0 = self.worker_cpu_s()
                 deadline = time.monotonic() + timeout
             if on_progress is not None and done != last:
                 on_progress(done)
             last = done
             if done >= total:
                 assert t0 is not None
-                return Drain(total=total, first_done=first, seconds=now - t0)
+                cpu = self.worker_cpu_s() - cpu0
+                return Drain(total=total, first_done=first, seconds=now - t0, cpu_s=cpu)
             if self.workers_exited():
                 raise self._fail(f"{what}: the workers exited at {done:,}/{total:,}")
             if t0 is None and time.monotonic() > start_deadline:
@@ -757,6 +783,7 @@ def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     h.stop_workers()
     out["floor_msgs"] = n
     out["floor_msgs_per_s"] = drain.rate
+    out["floor_cpu_us_per_msg"] = drain.cpu_us_per_item
 
 
 def _storm_messages(keys: int, repeats: int, tag: str) -> Iterator[dict[str, Any]]:
@@ -831,6 +858,7 @@ def phase_per_alert(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     writes = calls["create"] + calls["update"] + calls["note"] + calls["delete"]
     out["per_alert_alerts"] = total
     out["per_alert_alerts_per_s"] = drain.rate
+    out["per_alert_cpu_us_per_alert"] = drain.cpu_us_per_item
     if "half" in marks and finished > marks["half"][0]:
         # the second half: every incident exists already, only repeats are decided
         out["per_alert_repeats_alerts_per_s"] = (total - marks["half"][1]) / (
@@ -871,6 +899,7 @@ def phase_batched(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["batched_alerts"] = total
     out["batch_size"] = batch
     out["batched_alerts_per_s"] = drain.rate
+    out["batched_cpu_us_per_alert"] = drain.cpu_us_per_item
     out["batched_msgs_per_s"] = drain.rate / batch if batch else math.nan
     out["batched_creates"] = calls["create"]
     h.stop_workers()
@@ -1085,6 +1114,24 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"{_fmt(rate, 'alerts/s')} = {_fmt(ratio, 'x floor', 1)}",
                 f">= {TARGET_BATCHED_ALERTS_S:,} alerts/s",
                 _verdict(rate >= TARGET_BATCHED_ALERTS_S),
+            )
+        )
+    cpu = [
+        (name, out[field])
+        for name, field in (
+            ("floor", "floor_cpu_us_per_msg"),
+            ("per-alert", "per_alert_cpu_us_per_alert"),
+            ("batched", "batched_cpu_us_per_alert"),
+        )
+        if field in out
+    ]
+    if cpu:
+        table.append(
+            (
+                "worker CPU per item: " + " / ".join(name for name, _ in cpu),
+                " / ".join(_fmt(value) for _, value in cpu) + " us",
+                "",
+                "",
             )
         )
     if "new_incidents_per_s" in out:
