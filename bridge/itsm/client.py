@@ -592,6 +592,13 @@ def build_client(
 ) -> IncidentClient:
     """The incident client for ``settings.itsm_flavor``; call it after fork."""
     verify: bool | str = settings.itsm_ca_bundle or settings.itsm_verify_tls
+    if verify is False and settings.itsm_url.startswith("https"):
+        # Never silent: every process that talks to the ITSM says so once.
+        log.warning(
+            "ITSM TLS verification is off (itsm_verify_tls = false): "
+            "anyone on the path can read the credentials",
+            itsm_url=settings.itsm_url,
+        )
     auth = build_auth(settings, redis, new_session(1, verify), on_request=on_request)
     cls: type[IncidentClient] = GenBClient if settings.itsm_flavor == "serviceops" else GenAClient
     guard = Guard.from_settings(settings, redis)

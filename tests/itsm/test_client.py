@@ -280,3 +280,16 @@ def test_a_client_inherited_through_fork_opens_its_own_connections(simulator, cl
     child.join(timeout=10)
     assert client._session() is parent_session
     assert client.get(ref).subject == DRAFT.subject
+
+
+def test_switching_tls_verification_off_is_logged(redis_client):
+    from structlog.testing import capture_logs
+
+    settings = load_settings(
+        env={"BRIDGE_ITSM_URL": "https://sd.example.com", "BRIDGE_ITSM_API_KEY": "k"},
+        itsm_verify_tls=False,
+    )
+    with capture_logs() as logs:
+        build_client(settings, redis_client)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert any("TLS verification is off" in e["event"] for e in warnings)
