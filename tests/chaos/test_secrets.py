@@ -1,17 +1,19 @@
-"""A fault scenario run with distinctive secrets; then every log line, dead-letter entry
-and CLI output is scanned for them: zero hits."""
+"""A fault scenario run with distinctive secrets; then every log line, metric, dead-letter
+entry and CLI output is scanned for them: zero hits."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import requests
 
 from tests.chaos.conftest import (
     FIGURES,
     RedisServer,
     am_alert,
     am_payload,
+    free_port,
     record,
     storm,
     wait_for,
@@ -46,7 +48,9 @@ def test_no_secret_leaks_through_logs_dead_letters_or_cli_output(
 ):
     broker, state = locked_redis
     sim = sim_factory("itsm", client_secret=CLIENT_SECRET, password=PASSWORD)
+    metrics_port = free_port()
     stack = stack_factory(
+        instances=1,  # one metrics port to scrape
         broker_url=broker.url(),
         redis_url=state.url(),
         sim=sim,
@@ -55,6 +59,7 @@ def test_no_secret_leaks_through_logs_dead_letters_or_cli_output(
         extra_env={
             "BRIDGE_INGEST_TOKENS": f"{INGEST_TOKEN}:alertmanager",
             "BRIDGE_LOG_LEVEL": "DEBUG",
+            "BRIDGE_WORKER_METRICS_PORT": str(metrics_port),
         },
     )
     stack.start()
@@ -92,6 +97,8 @@ def test_no_secret_leaks_through_logs_dead_letters_or_cli_output(
     secrets = (*SECRETS, token.get("access_token", ""), token.get("refresh_token", ""))
 
     outputs: dict[str, str] = {"worker logs": stack.logs()}
+    metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+    outputs["worker /metrics"] = metrics.text
     raw_entries = []
     for key in stack.redis.scan_iter(f"{stack.prefix}:dlq:*"):
         if stack.redis.type(key) == b"hash":
@@ -115,6 +122,7 @@ def test_no_secret_leaks_through_logs_dead_letters_or_cli_output(
 
     assert "dead-lettered" in outputs["worker logs"], "the scan looked at real log lines"
     assert outputs["dlq list --json"].strip(), "the scan looked at real entries"
+    assert "bridge_dead_letters_total" in outputs["worker /metrics"], "real metrics"
     assert "[REDACTED]" in outputs["dlq list --json"], "the echoed credentials were scrubbed"
     leaks = {where: _hits(text, secrets) for where, text in outputs.items()}
     leaks = {where: found for where, found in leaks.items() if found}
