@@ -188,6 +188,14 @@ class Settings(BaseModel):
         ),
     )
     itsm_ca_bundle: str = Field(default="", description="Path of a PEM bundle for a private CA.")
+    itsm_check_incident_id: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "An existing incident id that `bridge itsm check` reads on the 2018 API, which has no "
+            "list call; 0 = read id 0 and take the API's not-found wrapper as proof."
+        ),
+    )
     itsm_pool_size: int = Field(
         default=16, ge=1, le=512, description="HTTP keep-alive connections kept per worker process."
     )

@@ -383,6 +383,12 @@ class TokenProvider:
             code = str(body.get("error") or "") if isinstance(body, dict) else ""
         except ValueError:
             pass
+        if not code and status == 401 and grant == "password":
+            # No error body (what a live server was seen to send for a wrong password).
+            # RFC 6749 5.2: a client that authenticated with Basic and failed gets a Basic
+            # challenge back; without one, the client was accepted and the user was not.
+            challenge = response.headers.get("WWW-Authenticate", "").strip().lower()
+            code = "invalid_client" if challenge.startswith("basic") else "invalid_grant"
         if code in ("invalid_client", "unauthorized_client"):
             return BadClientCredentials(
                 f"ITSM token endpoint rejected the client id or client secret ({code})",

@@ -1,10 +1,11 @@
 """``bridge itsm check``: prove the ITSM settings work with one token and one read call.
 
 Only documented requests are made: the token grant (unless an API key is used),
-then for Gen A ``GET /api/v1/incident/0`` (there is no list call; id 0 is never
-issued, so a not-found answer *in the incident API's wrapper* proves the API is
-there and accepted the token), for Gen B ``POST /api/v1/request/search/byqual``
-with ``size=1``. Nothing is written. A failure is one sentence naming the cause.
+then for Gen A ``GET /api/v1/incident/{itsm.check_incident_id}`` (there is no
+list call; the default id 0 is never issued, so a not-found answer *in the incident
+API's wrapper* proves the API is there and accepted the token), for Gen B
+``POST /api/v1/request/search/byqual`` with ``size=1``. Nothing is written. A failure
+is one sentence naming the cause.
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def _probe(settings: Any, session: requests.Session, authorization: str) -> requ
             allow_redirects=False,
         )
     return session.get(
-        base + "/api/v1/incident/0", headers=headers, timeout=timeout, allow_redirects=False
+        f"{base}/api/v1/incident/{settings.itsm_check_incident_id}",
+        headers=headers,
+        timeout=timeout,
+        allow_redirects=False,
     )
 
 
@@ -107,6 +111,13 @@ def _judge(settings: Any, url: str, response: requests.Response, *, api_key: boo
             False,
             f"The ITSM at {url} issued a token but the {api} refused it (HTTP 401); "
             "check the REST client's access level and the user's rights.",
+        )
+    if status == 404 and not gen_b and not settings.itsm_check_incident_id:
+        return CheckResult(
+            False,
+            f"The ITSM at {url} answered a bare HTTP 404 for incident 0: wrong flavour? try "
+            'itsm.flavor = "serviceops". Or the server says not-found without its wrapper: '
+            "set itsm.check_incident_id to an existing incident's id to tell the two apart.",
         )
     if status in (404, 405):
         other = "itsm" if gen_b else "serviceops"
