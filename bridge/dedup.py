@@ -90,19 +90,22 @@ class Outcome:
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> Outcome:
         dec, gen, iid, dn, n, ns, ws, ps, pid, pdn, hold = reply
-        # int() and float() read bytes and str alike; only the text fields need decoding
+        if type(dec) is not bytes:  # a client that decodes replies
+            dec, dn, ns, pid, pdn, hold = (_text(v) for v in (dec, dn, ns, pid, pdn, hold))
+            iid = _text(iid)
+        # int() and float() read bytes and str alike; positional: the hot path of decide_many
         return cls(
-            decision=_text(dec),
-            gen=int(gen),
-            incident_id=int(iid) if iid else None,
-            incident_display=_text(dn) or None,
-            pending_count=int(n),
-            pending_since=float(ns) if ns else None,
-            severity_written=_SEVERITY_BY_RANK.get(int(ws), Severity.WARNING),
-            severity_peak=_SEVERITY_BY_RANK.get(int(ps), Severity.WARNING),
-            previous_id=int(pid) if pid else None,
-            previous_display=_text(pdn) or None,
-            hold=_text(hold) or None,
+            dec.decode() if type(dec) is bytes else dec,
+            int(gen),
+            int(iid) if iid else None,
+            (dn.decode() if type(dn) is bytes else dn) or None,
+            int(n),
+            float(ns) if ns else None,
+            _SEVERITY_BY_RANK.get(int(ws), Severity.WARNING),
+            _SEVERITY_BY_RANK.get(int(ps), Severity.WARNING),
+            int(pid) if pid else None,
+            (pdn.decode() if type(pdn) is bytes else pdn) or None,
+            (hold.decode() if type(hold) is bytes else hold) or None,
         )
 
 

@@ -397,3 +397,17 @@ def test_one_call_per_message_decides_as_one_call_per_alert(redis_conn, clock, g
     for k in range(4):
         assert batched.snapshot(f"k{k}") == single.snapshot(f"k{k}")
         assert redis_conn.smembers(f"eqb:mem:k{k}") == redis_conn.smembers(f"eqs:mem:k{k}")
+
+
+def test_a_reply_reads_the_same_from_bytes_and_from_text():
+    from bridge.dedup import Outcome
+
+    text = ["coalesced_update", 3, "42", "INC-42", 5, "1800000000.5", 1, 2, "7", "INC-7", "1.25"]
+    raw = [v.encode() if isinstance(v, str) else v for v in text]
+    outcome = Outcome.from_reply(raw)
+    assert outcome == Outcome.from_reply(text)
+    assert (outcome.incident_id, outcome.pending_since, outcome.hold) == (42, 1800000000.5, "1.25")
+    assert outcome.severity_peak == Severity.ERROR and outcome.previous_display == "INC-7"
+    empty = Outcome.from_reply([b"create", 1, b"", b"", 0, b"", 3, 3, b"", b"", b""])
+    assert (empty.incident_id, empty.incident_display, empty.pending_since) == (None, None, None)
+    assert (empty.previous_id, empty.previous_display, empty.hold) == (None, None, None)
