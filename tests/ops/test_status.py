@@ -126,7 +126,8 @@ def test_rabbitmq_depths_come_from_a_passive_declare(amqp_url, unique):
     from kombu import Connection, Exchange, Producer, Queue
 
     name = f"ops-status-{unique}"
-    with Connection(amqp_url) as conn:
+    # confirmed publishes: the broker has queued all three before the probe counts them
+    with Connection(amqp_url, transport_options={"confirm_publish": True}) as conn:
         queue = Queue(name, Exchange(""), routing_key=name, auto_delete=False)
         queue(conn.default_channel).declare()
         producer = Producer(conn.default_channel)
