@@ -8,6 +8,7 @@ module-level app for ``-A``); everything else receives it as an argument.
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any
 
 import orjson
@@ -55,6 +56,7 @@ def broker_url(settings: Settings) -> str:
 def configure(app: Celery, settings: Settings) -> Celery:
     url = broker_url(settings)
     transport_options: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if url.startswith(("redis://", "rediss://", "unix://")):
         # An unacked message comes back after the visibility timeout; it must exceed the
         # longest task and the longest retry countdown, or work runs twice. The restore
@@ -64,7 +66,16 @@ def configure(app: Celery, settings: Settings) -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout_s,
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # a worker killed during a sweep leaves kombu's sweep lock behind; by default
+            # no one restores anything for 5 minutes after that
+            "unacked_mutex_expire": 30,
         }
+        if url.startswith(("redis://", "rediss://")):
+            # kombu's fetch can drop a message when a worker dies mid-fetch; ours cannot
+            extra["broker_transport"] = "workers.redis_transport:Transport"
+        if url.startswith("rediss://"):
+            # kombu's own default for rediss:// is not to verify the server's certificate
+            extra["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     elif url.startswith(("amqp://", "amqps://", "pyamqp://")):
         transport_options = {"confirm_publish": True}
     elif url.startswith("memory://"):
@@ -95,6 +106,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
             "bridge.settle": {"queue": URGENT_QUEUE},
         },
         worker_soft_shutdown_timeout=10.0,
+        **extra,
     )
     app.conf.bridge_settings = settings
     return app

@@ -1,0 +1,127 @@
+"""The Redis broker's fetch: a message taken from a queue is already where a restore finds it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from kombu import Connection, Exchange, Queue
+
+from workers.redis_transport import FETCH_SCRIPT
+
+ROOT = Path(__file__).resolve().parents[2]
+TRANSPORT = "workers.redis_transport:Transport"
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"test.fetch.{uuid.uuid4().hex[:8]}"
+
+
+def _publish(redis_url: str, queue_name: str, body: dict) -> None:
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
+        conn.Producer().publish(body, exchange=queue.exchange, routing_key=queue_name,
+                                declare=[queue], serializer="json")  # fmt: skip
+
+
+def _fetch(client: redis_lib.Redis, queue_name: str) -> list:
+    keys = [queue_name, "unacked", "unacked_index"]
+    return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time())
+
+
+def test_a_fetched_message_is_in_unacked_in_the_same_step(redis_url, redis_client, queue_name):
+    _publish(redis_url, queue_name, {"alert": 1})
+    index, item, tag = _fetch(redis_client, queue_name)
+    assert index == 1
+    assert redis_client.llen(queue_name) == 0
+    payload, exchange, routing_key = json.loads(redis_client.hget("unacked", tag))
+    assert payload == json.loads(item)  # kombu's layout: [message, exchange, routing key]
+    assert (exchange, routing_key) == (queue_name, queue_name)
+    assert redis_client.zscore("unacked_index", tag) is not None
+
+
+def test_kombus_restore_returns_a_message_whose_consumer_died_after_the_fetch(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 2})
+    _fetch(redis_client, queue_name)  # and the consumer dies before it acks
+    with Connection(redis_url, transport_options={"visibility_timeout": 0}) as conn:
+        conn.default_channel.qos.restore_visible(interval=1)  # stock kombu's sweep
+        restored = conn.SimpleQueue(queue_name).get(timeout=5)
+    assert restored.payload == {"alert": 2}
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_the_fetch_reads_queues_in_the_order_given(redis_client, queue_name):
+    redis_client.lpush(f"{queue_name}.low", "not json")
+    redis_client.lpush(f"{queue_name}.high", "also not json")
+    keys = [f"{queue_name}.high", f"{queue_name}.low", "unacked", "unacked_index"]
+    assert redis_client.eval(FETCH_SCRIPT, len(keys), *keys, time.time()) == [
+        1,
+        b"also not json",
+    ]
+
+
+def test_a_message_that_is_not_kombus_is_handed_over_unrecorded(redis_client, queue_name):
+    redis_client.lpush(queue_name, "not json")
+    assert _fetch(redis_client, queue_name) == [1, b"not json"]
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_an_empty_queue_fetches_nothing(redis_client, queue_name):
+    assert _fetch(redis_client, queue_name) is None
+
+
+WORKER = """
+import sys
+from celery import Celery
+app = Celery("fetchtest", broker=sys.argv[1])
+app.conf.update(broker_transport="workers.redis_transport:Transport", task_acks_late=True,
+                worker_prefetch_multiplier=1, task_ignore_result=True,
+                worker_hijack_root_logger=False)
+@app.task(name="fetchtest.mark")
+def mark(key):
+    import redis
+    redis.Redis.from_url(sys.argv[1]).rpush(key, "done")
+app.worker_main(["worker", "-P", "solo", "-Q", sys.argv[2], "--loglevel", "WARNING"])
+"""
+
+
+def _eval_calls(client: redis_lib.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_client,
+                                                               queue_name):  # fmt: skip
+    from celery import Celery
+
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, queue_name], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    app = Celery("fetchtest", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport = TRANSPORT
+    try:
+        for _ in range(20):
+            app.send_task("fetchtest.mark", args=[f"{queue_name}.done"], queue=queue_name)
+        for _ in range(20):  # the worker's replies, each awaited as it comes
+            assert redis_client.blpop([f"{queue_name}.done"], timeout=30) is not None
+        # the acks follow the tasks' ends; wait for the last one
+        deadline = time.monotonic() + 10
+        while redis_client.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_client.hlen("unacked") == 0
+
+        # idle, the worker asks again after pauses that grow to 25 ms: not a busy loop
+        before = _eval_calls(redis_client)
+        time.sleep(2.0)
+        assert 0 < _eval_calls(redis_client) - before < 200
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        app.close()
