@@ -357,6 +357,7 @@ class Drain:
     first_done: int
     seconds: float
     cpu_s: float = math.nan  # CPU time of the worker processes over the same span
+    redis_cpu_s: float = math.nan  # CPU time of the Redis server over the same span
 
     @property
     def cpu_us_per_item(self) -> float:
@@ -364,6 +365,11 @@ class Drain:
         far less than wall-clock rates)."""
         done = self.total - self.first_done
         return self.cpu_s / done * 1e6 if done > 0 else math.nan
+
+    @property
+    def redis_cpu_us_per_item(self) -> float:
+        done = self.total - self.first_done
+        return self.redis_cpu_s / done * 1e6 if done > 0 else math.nan
 
     @property
     def rate(self) -> float:
@@ -660,6 +666,16 @@ class Harness:
         procs = [p for p in (self.proc, self.act_proc) if p is not None]
         return sum(_cpu_seconds(q) for p in procs for q in (p.pid, *_children(p.pid)))
 
+    def redis_cpu_s(self) -> float:
+        """CPU seconds the Redis server (broker and state) has used so far, every thread."""
+        info = self.broker_redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def ingest_cpu_s(self) -> float:
+        if self.ingest is None:
+            return 0.0
+        return sum(_cpu_seconds(q) for q in (self.ingest.pid, *_children(self.ingest.pid)))
+
     def workers_exited(self) -> bool:
         return any(p is not None and p.poll() is not None for p in (self.proc, self.act_proc))
 
@@ -708,7 +724,7 @@ class Harness:
         start_deadline = time.monotonic() + 90.0
         deadline: float | None = None
         t0: float | None = None
-        cpu0 = 0.0
+        cpu0 = redis_cpu0 = 0.0
         first = 0
         last = 0
         while True:
@@ -716,7 +732,7 @@ class Harness:
             done = progress()
             if t0 is None and done > 0:
                 t0, first = now, done
-                cpu0 = self.worker_cpu_s()
+                cpu0, redis_cpu0 = self.worker_cpu_s(), self.redis_cpu_s()
                 deadline = time.monotonic() + timeout
             if on_progress is not None and done != last:
                 on_progress(done)
@@ -724,7 +740,8 @@ class Harness:
             if done >= total:
                 assert t0 is not None
                 cpu = self.worker_cpu_s() - cpu0
-                return Drain(total=total, first_done=first, seconds=now - t0, cpu_s=cpu)
+                redis_cpu = self.redis_cpu_s() - redis_cpu0
+                return Drain(total, first, now - t0, cpu_s=cpu, redis_cpu_s=redis_cpu)
             if self.workers_exited():
                 raise self._fail(f"{what}: the workers exited at {done:,}/{total:,}")
             if t0 is None and time.monotonic() > start_deadline:
@@ -900,6 +917,10 @@ def phase_batched(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["batch_size"] = batch
     out["batched_alerts_per_s"] = drain.rate
     out["batched_cpu_us_per_alert"] = drain.cpu_us_per_item
+    out["batched_redis_cpu_us_per_alert"] = drain.redis_cpu_us_per_item
+    # what the machine could do if its CPUs did nothing but this work, perfectly shared
+    spent_us = drain.cpu_us_per_item + drain.redis_cpu_us_per_item
+    out["batched_cpu_bound_alerts_per_s"] = _cpus() / spent_us * 1e6 if spent_us else math.nan
     out["batched_msgs_per_s"] = drain.rate / batch if batch else math.nan
     out["batched_creates"] = calls["create"]
     h.stop_workers()
@@ -956,6 +977,37 @@ def _probe_body(i: int) -> bytes:
     return orjson.dumps(am_payload([am_alert(f"l{i:015x}", f"bench latency probe {i}")]))
 
 
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass
+class _LatencyCpu:
+    """CPU seconds of every process on the path of a new alert, read together."""
+
+    worker: float
+    ingest: float
+    redis: float
+    simulator_and_load: float  # this process: the simulator's and the load generator's threads
+
+    @classmethod
+    def now(cls, h: Harness) -> _LatencyCpu:
+        return cls(h.worker_cpu_s(), h.ingest_cpu_s(), h.redis_cpu_s(), time.process_time())
+
+    def minus(self, earlier: _LatencyCpu) -> _LatencyCpu:
+        return _LatencyCpu(
+            self.worker - earlier.worker,
+            self.ingest - earlier.ingest,
+            self.redis - earlier.redis,
+            self.simulator_and_load - earlier.simulator_and_load,
+        )
+
+    def parts(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
 def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     rate, seconds = sizes.latency_rate, sizes.latency_s
     n = int(rate * seconds)
@@ -981,6 +1033,7 @@ def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     refused: list[int] = []
     lock = threading.Lock()
     bodies = [_probe_body(i) for i in range(n)]
+    cpu0 = _LatencyCpu.now(h)
     start = time.perf_counter() + 0.2
 
     def client(index: int) -> None:
@@ -1020,6 +1073,7 @@ def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
         lambda: h.sim.calls()["create"] >= expected,
         timeout=max(60.0, seconds * 4),
     )
+    cpu = _LatencyCpu.now(h).minus(cpu0)
     ingest_after = h.ingest_rss()
     # The simulator stamps createdTime with time.time() in ms, in this process, after its
     # latency: the same clock as the 202 stamps above (1 ms resolution).
@@ -1039,6 +1093,11 @@ def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["latency_p50_ms"] = _percentile(latencies, 0.50)
     out["latency_p99_ms"] = _percentile(latencies, 0.99)
     out["latency_max_ms"] = max(latencies) if latencies else math.nan
+    if accepted:
+        per = {part: seconds * 1000 / len(accepted) for part, seconds in cpu.parts().items()}
+        out["latency_cpu_ms_per_incident"] = per
+        total_ms = sum(per.values())
+        out["latency_cpu_bound_per_s"] = _cpus() / total_ms * 1000 if total_ms else math.nan
     out["ingest_response_p50_ms"] = _percentile(answers, 0.50) * 1000
     out["ingest_response_p99_ms"] = _percentile(answers, 0.99) * 1000
     out["ingest_rss_before_mb"] = ingest_before / 2**20
@@ -1116,6 +1175,17 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(rate >= TARGET_BATCHED_ALERTS_S),
             )
         )
+        bound = out.get("batched_cpu_bound_alerts_per_s")
+        if bound is not None:
+            table.append(
+                (
+                    "  CPU per alert: worker / Redis",
+                    f"{_fmt(out['batched_cpu_us_per_alert'])} / "
+                    f"{_fmt(out['batched_redis_cpu_us_per_alert'], 'us')}",
+                    f"{out['cpus']} CPUs: at most {_fmt(bound, 'alerts/s')}",
+                    "",
+                )
+            )
     cpu = [
         (name, out[field])
         for name, field in (
@@ -1156,6 +1226,17 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(not math.isnan(p99) and p99 <= itsm + TARGET_LATENCY_P99_OVER_ITSM_MS),
             )
         )
+        per = out.get("latency_cpu_ms_per_incident")
+        if per:
+            table.append(
+                (
+                    "  CPU per new alert: worker / ingest / Redis / sim+load",
+                    " / ".join(_fmt(v, digits=2) for v in per.values())
+                    + f" = {_fmt(sum(per.values()), 'ms', 2)}",
+                    f"{out['cpus']} CPUs: at most {_fmt(out['latency_cpu_bound_per_s'])}/s",
+                    "",
+                )
+            )
         table.append(
             (
                 "  ingest response p50 / p99",
@@ -1256,6 +1337,8 @@ def render(out: dict[str, Any]) -> str:
 def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return None if math.isnan(value) or math.isinf(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
     return value
 
 
@@ -1275,9 +1358,7 @@ def main(argv: list[str]) -> int:
         "phases": args.phases,
         "git_commit": git_commit(),
         "git_dirty": _git_dirty(),
-        "cpus": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpus": _cpus(),
         "python": sys.version.split()[0],
     }
     started = time.perf_counter()
