@@ -9,10 +9,10 @@ under a steady stream of tasks loses about one message in a few thousand that wa
 Here the pop and the copy into ``unacked`` are one Lua script, so a fetched message
 is always somewhere a restore finds it. The hash entries have kombu's own layout, so
 kombu's sweep, acks and rejects work on them unchanged, and stock workers can share
-the broker. A script cannot block, so when the queues are empty the channel asks
-again after a short pause that grows while they stay empty (2 ms up to 25 ms): an
-idle worker costs Redis about 40 cheap calls a second, and a message waits at most
-one pause before it is fetched.
+the broker. A script cannot block, so a fetch that finds nothing is followed by a
+blocking ``XREAD`` on a small wake-up stream that this transport's producers append to
+after every push (the fetch returns the stream's last id, so a push between the two is
+never missed). An idle worker costs Redis two calls a second.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 FETCH_SCRIPT = """
--- KEYS: the queue lists in the order BRPOP would read them, then kombu's unacked hash
--- and its index. ARGV[1]: the delivery time, on the clock the restore sweep reads.
+-- KEYS: the queue lists in the order BRPOP would read them, kombu's unacked hash and its
+-- index, the wake-up stream. ARGV[1]: the delivery time, on the clock the restore sweep
+-- reads.
 local n = #KEYS
-for i = 1, n - 2 do
+for i = 1, n - 3 do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, msg = pcall(cjson.decode, item)
@@ -40,18 +41,26 @@ for i = 1, n - 2 do
       -- the same value kombu writes: [message, exchange, routing key]
       local entry = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ','
         .. cjson.encode(info['routing_key']) .. ']'
-      redis.call('ZADD', KEYS[n], ARGV[1], tag)
-      redis.call('HSET', KEYS[n - 1], tag, entry)
+      redis.call('ZADD', KEYS[n - 1], ARGV[1], tag)
+      redis.call('HSET', KEYS[n - 2], tag, entry)
       return {i, item, tag}
     end
     return {i, item}
   end
 end
-return false
+-- nothing to fetch: the last wake-up so far, to wait for the next one
+local last = redis.call('XREVRANGE', KEYS[n], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  return {0, last[1][1]}
+end
+return {0, '0-0'}
 """
 
-IDLE_PAUSE_MIN_S = 0.002
-IDLE_PAUSE_MAX_S = 0.025
+WAKE_STREAM = "bridge.wake"
+WAKE_STREAM_LENGTH = 1000
+# Producers that are not this transport do not write to the stream; their messages are
+# fetched when the wait times out.
+WAKE_WAIT_MS = 1000
 
 
 class QoS(kombu_redis.QoS):
@@ -68,69 +77,87 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recorded: dict[str, bool] = {}
-        self._idle_pause = 0.0
-        self._next_fetch_at = 0.0
+        self._pending: str | None = None  # "fetch" or "wake": the command in flight
         self._fetch_keys: list[str] = []
+        self._wake_from: str | None = None
         super().__init__(*args, **kwargs)
 
-    def _event_loop(self) -> Any:
-        return getattr(self.connection, "event_loop", None)
+    def _ours(self) -> bool:
+        # Without an event loop (a plain drain_events) kombu's blocking pop is the only
+        # way to wait; with a global key prefix the script's keys would not match.
+        return getattr(self.connection, "event_loop", None) is not None and not (
+            self.global_keyprefix
+        )
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if (
+            kwargs.get("_publish_batch") is not None
+            or self.global_keyprefix
+            or (self._expires and queue in self._expires)
+        ):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, dumps(message))
+            # after the push: a consumer that missed the message is woken by this entry
+            pipe.xadd(WAKE_STREAM, {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+            pipe.execute()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        loop = self._event_loop()
-        if loop is None:  # drained without an event loop: a blocking pop is all there is
+        if not self._ours():
             super()._brpop_start(timeout)
             return
-        if monotonic() < self._next_fetch_at:
+        connection = self.client.connection
+        if self._wake_from is not None:
+            # the last fetch found nothing: block until a producer writes after it
+            wake_from, self._wake_from = self._wake_from, None
+            self._pending = "wake"
+            self._in_poll = connection
+            self._brpop_sent_at = monotonic()
+            connection.send_command(
+                "XREAD", "BLOCK", WAKE_WAIT_MS, "STREAMS", WAKE_STREAM, wake_from
+            )
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        keys += [self.unacked_key, self.unacked_index_key]
-        if self.global_keyprefix:
-            keys = [f"{self.global_keyprefix}{key}" for key in keys]
+        keys += [self.unacked_key, self.unacked_index_key, WAKE_STREAM]
         self._fetch_keys = keys
-        self._in_poll = self.client.connection
+        self._pending = "fetch"
+        self._in_poll = connection
         self._brpop_sent_at = monotonic()
-        self.client.connection.send_command("EVAL", FETCH_SCRIPT, len(keys), *keys, time())
+        connection.send_command("EVAL", FETCH_SCRIPT, len(keys), *keys, time())
 
     def _brpop_read(self, **options: Any) -> bool:
-        if not self._fetch_keys:
+        pending = self._pending
+        if pending is None:
             return bool(super()._brpop_read(**options))
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
+                command = "EVAL" if pending == "fetch" else "XREAD"
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if not reply:
-                self._pause_fetching()
+            if pending == "wake":  # something was published, or the wait timed out
                 raise Empty()
-            self._idle_pause = 0.0
-            dest = self._fetch_keys[int(reply[0]) - 1]
-            if self.global_keyprefix:
-                dest = dest.removeprefix(self.global_keyprefix)
-            dest = dest.rsplit(self.sep, 1)[0]
+            index = int(reply[0])
+            if index == 0:
+                self._wake_from = reply[1].decode()
+                raise Empty()
+            dest = self._fetch_keys[index - 1].rsplit(self.sep, 1)[0]
             if len(reply) > 2:
                 self.recorded[reply[2].decode()] = True
             self._queue_cycle.rotate(dest)
             self.connection._deliver(loads(reply[1].decode()), dest)
             return True
         finally:
+            self._pending = None
             self._fetch_keys = []
             self._in_poll = None
             self._flush_brpop_reauth()
-
-    def _pause_fetching(self) -> None:
-        self._idle_pause = min(max(self._idle_pause * 2, IDLE_PAUSE_MIN_S), IDLE_PAUSE_MAX_S)
-        self._next_fetch_at = monotonic() + self._idle_pause
-        # wake the event loop when the pause ends; nothing else may be due before then
-        self._event_loop().call_later(self._idle_pause, _nothing)
-
-
-def _nothing() -> None:
-    pass
 
 
 class Transport(kombu_redis.Transport):

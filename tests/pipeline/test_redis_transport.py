@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 from kombu import Connection, Exchange, Queue
 
-from workers.redis_transport import FETCH_SCRIPT
+from workers.redis_transport import FETCH_SCRIPT, WAKE_STREAM
 
 ROOT = Path(__file__).resolve().parents[2]
 TRANSPORT = "workers.redis_transport:Transport"
@@ -31,8 +31,8 @@ def _publish(redis_url: str, queue_name: str, body: dict) -> None:
                                 declare=[queue], serializer="json")  # fmt: skip
 
 
-def _fetch(client: redis_lib.Redis, queue_name: str) -> list:
-    keys = [queue_name, "unacked", "unacked_index"]
+def _fetch(client: redis_lib.Redis, *queues: str) -> list:
+    keys = [*queues, "unacked", "unacked_index", WAKE_STREAM]
     return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time())
 
 
@@ -62,8 +62,7 @@ def test_kombus_restore_returns_a_message_whose_consumer_died_after_the_fetch(
 def test_the_fetch_reads_queues_in_the_order_given(redis_client, queue_name):
     redis_client.lpush(f"{queue_name}.low", "not json")
     redis_client.lpush(f"{queue_name}.high", "also not json")
-    keys = [f"{queue_name}.high", f"{queue_name}.low", "unacked", "unacked_index"]
-    assert redis_client.eval(FETCH_SCRIPT, len(keys), *keys, time.time()) == [
+    assert _fetch(redis_client, f"{queue_name}.high", f"{queue_name}.low") == [
         1,
         b"also not json",
     ]
@@ -75,8 +74,31 @@ def test_a_message_that_is_not_kombus_is_handed_over_unrecorded(redis_client, qu
     assert redis_client.hlen("unacked") == 0
 
 
-def test_an_empty_queue_fetches_nothing(redis_client, queue_name):
-    assert _fetch(redis_client, queue_name) is None
+def test_an_empty_fetch_answers_the_last_wake_up_so_far(redis_client, queue_name):
+    assert _fetch(redis_client, queue_name) == [0, b"0-0"]  # no wake-up written yet
+    redis_client.xadd(WAKE_STREAM, {"q": "elsewhere"})
+    last = redis_client.xrevrange(WAKE_STREAM, count=1)[0][0]
+    assert _fetch(redis_client, queue_name) == [0, last]
+
+
+def test_a_publish_after_an_empty_fetch_is_a_wake_up_newer_than_the_fetch_saw(
+    redis_url, redis_client, queue_name
+):
+    _, seen = _fetch(redis_client, queue_name)
+    _publish(redis_url, queue_name, {"alert": 3})
+    # the consumer's XREAD from what its fetch saw returns at once: no lost wake-up
+    woken = redis_client.xread({WAKE_STREAM: seen})
+    assert woken and woken[0][1][-1][1] == {b"q": queue_name.encode()}
+    assert _fetch(redis_client, queue_name)[0] == 1
+
+
+def test_the_wake_up_stream_stays_short(redis_url, redis_client, queue_name):
+    with redis_client.pipeline(transaction=False) as pipe:
+        for _ in range(3000):
+            pipe.xadd(WAKE_STREAM, {"q": queue_name})
+        pipe.execute()
+    _publish(redis_url, queue_name, {"alert": 4})
+    assert redis_client.xlen(WAKE_STREAM) < 1200  # trimmed to ~1,000 on every push
 
 
 WORKER = """
@@ -117,10 +139,10 @@ def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_
             time.sleep(0.05)
         assert redis_client.hlen("unacked") == 0
 
-        # idle, the worker asks again after pauses that grow to 25 ms: not a busy loop
+        # idle, the worker waits on the wake-up stream: about one fetch a second
         before = _eval_calls(redis_client)
-        time.sleep(2.0)
-        assert 0 < _eval_calls(redis_client) - before < 200
+        time.sleep(2.5)
+        assert 0 < _eval_calls(redis_client) - before <= 5
     finally:
         worker.terminate()
         worker.wait(timeout=30)
