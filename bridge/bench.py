@@ -801,6 +801,7 @@ def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["floor_msgs"] = n
     out["floor_msgs_per_s"] = drain.rate
     out["floor_cpu_us_per_msg"] = drain.cpu_us_per_item
+    out["floor_redis_cpu_us_per_msg"] = drain.redis_cpu_us_per_item
 
 
 def _storm_messages(keys: int, repeats: int, tag: str) -> Iterator[dict[str, Any]]:
@@ -876,6 +877,7 @@ def phase_per_alert(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["per_alert_alerts"] = total
     out["per_alert_alerts_per_s"] = drain.rate
     out["per_alert_cpu_us_per_alert"] = drain.cpu_us_per_item
+    out["per_alert_redis_cpu_us_per_alert"] = drain.redis_cpu_us_per_item
     if "half" in marks and finished > marks["half"][0]:
         # the second half: every incident exists already, only repeats are decided
         out["per_alert_repeats_alerts_per_s"] = (total - marks["half"][1]) / (
@@ -1151,6 +1153,23 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(ok),
             )
         )
+        floor_cpu = out.get("floor_cpu_us_per_msg", math.nan) + out.get(
+            "floor_redis_cpu_us_per_msg", math.nan
+        )
+        alert_cpu = out["per_alert_cpu_us_per_alert"] + out.get(
+            "per_alert_redis_cpu_us_per_alert", math.nan
+        )
+        if not math.isnan(floor_cpu + alert_cpu):
+            # both CPU-bound on the same cores: the ratio their CPU costs allow
+            out["per_alert_cpu_ratio"] = floor_cpu / alert_cpu
+            table.append(
+                (
+                    "  CPU per item, worker + Redis: floor / alert",
+                    f"{_fmt(floor_cpu)} / {_fmt(alert_cpu, 'us')}",
+                    f"ratio the CPU allows: {_fmt(out['per_alert_cpu_ratio'], digits=2)}",
+                    "",
+                )
+            )
         repeats = out.get("per_alert_repeats_alerts_per_s")
         if repeats is not None:
             r2 = repeats / floor if floor else math.nan
