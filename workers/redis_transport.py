@@ -65,8 +65,9 @@ WAKE_WAIT_MS = 1000
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
-        if self.channel.recorded.pop(delivery_tag, None) is not None:
+        if delivery_tag in self.channel.recorded:
             # the fetch script has already written it to unacked: only the local bookkeeping
+            self.channel.recorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
@@ -76,7 +77,7 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.recorded: dict[str, bool] = {}
+        self.recorded: set[str] = set()  # delivery tags the fetch script put in unacked
         self._pending: str | None = None  # "fetch" or "wake": the command in flight
         self._fetch_keys: list[str] = []
         self._wake_from: str | None = None
@@ -149,7 +150,7 @@ class Channel(kombu_redis.Channel):
                 raise Empty()
             dest = self._fetch_keys[index - 1].rsplit(self.sep, 1)[0]
             if len(reply) > 2:
-                self.recorded[reply[2].decode()] = True
+                self.recorded.add(reply[2].decode())
             self._queue_cycle.rotate(dest)
             self.connection._deliver(loads(reply[1].decode()), dest)
             return True
