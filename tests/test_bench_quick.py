@@ -18,6 +18,7 @@ from tests.conftest import REDIS_URL, require_service
 
 KEYS = (
     "floor_msgs_per_s",
+    "floor_rtt_msgs_per_s",
     "per_alert_alerts_per_s",
     "batched_alerts_per_s",
     "new_incidents_per_s",
@@ -72,7 +73,8 @@ def test_bench_quick_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     # the storm creates one incident per key with one token, whatever the speed
     assert data["storm_creates"] == data["storm_keys"]
     assert data["storm_token_requests"] == 1
-    for key in ("floor_msgs_per_s", "per_alert_alerts_per_s", "batched_alerts_per_s"):
+    rates = ("floor_msgs_per_s", "floor_rtt_msgs_per_s", "per_alert_alerts_per_s")
+    for key in (*rates, "batched_alerts_per_s"):
         assert data[key] is not None and data[key] > 0, key
     assert data["latency_p99_ms"] >= data["latency_p50_ms"] > 0
     assert 0 < data["redis_bytes_per_key"] < 10_000
