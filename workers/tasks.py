@@ -12,10 +12,11 @@ from typing import Any
 
 import structlog
 from celery import Celery
+from celery.signals import worker_process_init
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.runtime import Runtime
+from bridge.runtime import Runtime, connect_redis
 
 log = structlog.get_logger("workers.tasks")
 _runtimes: dict[tuple[int, int], Runtime] = {}
@@ -27,6 +28,15 @@ INFRA_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError)
 
 
 _metrics_instance: Any = None
+# Set in prefork children, which run one task at a time: their runtime keeps one Redis
+# connection instead of checking one out of a pool for every command.
+_one_task_at_a_time = False
+
+
+@worker_process_init.connect(weak=False)
+def _in_prefork_child(**_: Any) -> None:
+    global _one_task_at_a_time
+    _one_task_at_a_time = True
 
 
 def _metrics() -> Any:
@@ -49,8 +59,10 @@ def runtime_for(app: Celery) -> Runtime:
                 from workers.app import CelerySink
 
                 metrics = _metrics()
+                settings = app.conf.bridge_settings
                 rt = Runtime(
-                    app.conf.bridge_settings,
+                    settings,
+                    redis=connect_redis(settings, dedicated=True) if _one_task_at_a_time else None,
                     sink=CelerySink(app),
                     observer=metrics.observe,
                     on_request=metrics.on_request,
@@ -110,5 +122,11 @@ def register(app: Celery) -> None:
         return runtime_for(app).pipeline.settle(action).status
 
     @app.task(name="bridge.noop", bind=True, acks_late=True, ignore_result=True, shared=False)
-    def noop(self: Any, message: Any = None) -> None:
-        """The benchmark's floor: a task that does nothing on the same settings."""
+    def noop(self: Any, message: Any = None, round_trips: int = 0) -> None:
+        """The benchmark's floors: a task that does nothing on the same settings, or
+        nothing but ``round_trips`` PINGs on the state store's Redis client (the least a
+        decision against shared state costs)."""
+        if round_trips:
+            redis = runtime_for(app).redis
+            for _ in range(min(int(round_trips), 10)):
+                redis.ping()
