@@ -17,13 +17,16 @@ never missed). An idle worker costs Redis two calls a second.
 
 from __future__ import annotations
 
+import hashlib
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import orjson
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
+from redis.exceptions import NoScriptError
 
 FETCH_SCRIPT = """
 -- KEYS: the queue lists in the order BRPOP would read them, kombu's unacked hash and its
@@ -56,11 +59,27 @@ end
 return {0, '0-0'}
 """
 
+FETCH_SHA = hashlib.sha1(FETCH_SCRIPT.encode()).hexdigest()
+
 WAKE_STREAM = "bridge.wake"
 WAKE_STREAM_LENGTH = 1000
 # Producers that are not this transport do not write to the stream; their messages are
 # fetched when the wait times out.
 WAKE_WAIT_MS = 1000
+
+
+def _encode(message: Any) -> bytes | str:
+    """kombu's JSON for a message on the list, written by orjson where it can."""
+    try:
+        return orjson.dumps(message)
+    except TypeError:  # a value only kombu's encoder knows (it tags it with __type__)
+        return str(dumps(message))
+
+
+def _decode(raw: bytes) -> Any:
+    if b'"__type__"' in raw:
+        return loads(raw.decode())  # kombu's typed values
+    return orjson.loads(raw)
 
 
 class QoS(kombu_redis.QoS):
@@ -100,7 +119,7 @@ class Channel(kombu_redis.Channel):
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, dumps(message))
+            pipe.lpush(key, _encode(message))
             # after the push: a consumer that missed the message is woken by this entry
             pipe.xadd(WAKE_STREAM, {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
             pipe.execute()
@@ -129,7 +148,8 @@ class Channel(kombu_redis.Channel):
         self._pending = "fetch"
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
-        connection.send_command("EVAL", FETCH_SCRIPT, len(keys), *keys, time())
+        # by its digest: the script's text is not sent (nor hashed by Redis) on every fetch
+        connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time())
 
     def _brpop_read(self, **options: Any) -> bool:
         pending = self._pending
@@ -137,11 +157,15 @@ class Channel(kombu_redis.Channel):
             return bool(super()._brpop_read(**options))
         try:
             try:
-                command = "EVAL" if pending == "fetch" else "XREAD"
+                command = "EVALSHA" if pending == "fetch" else "XREAD"
                 reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            except NoScriptError:
+                # a new or restarted Redis: nothing ran; load the script, fetch again
+                self.client.script_load(FETCH_SCRIPT)
+                raise Empty() from None
             if pending == "wake":  # something was published, or the wait timed out
                 raise Empty()
             index = int(reply[0])
@@ -152,7 +176,7 @@ class Channel(kombu_redis.Channel):
             if len(reply) > 2:
                 self.recorded.add(reply[2].decode())
             self._queue_cycle.rotate(dest)
-            self.connection._deliver(loads(reply[1].decode()), dest)
+            self.connection._deliver(_decode(reply[1]), dest)
             return True
         finally:
             self._pending = None

@@ -116,8 +116,9 @@ app.worker_main(["worker", "-P", "solo", "-Q", sys.argv[2], "--loglevel", "WARNI
 """
 
 
-def _eval_calls(client: redis_lib.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+def _fetch_calls(client: redis_lib.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
 
 
 def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_client,
@@ -140,10 +141,34 @@ def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_
         assert redis_client.hlen("unacked") == 0
 
         # idle, the worker waits on the wake-up stream: about one fetch a second
-        before = _eval_calls(redis_client)
+        before = _fetch_calls(redis_client)
         time.sleep(2.5)
-        assert 0 < _eval_calls(redis_client) - before <= 5
+        assert 0 < _fetch_calls(redis_client) - before <= 5
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+        app.close()
+
+
+def test_a_worker_whose_redis_lost_the_fetch_script_loads_it_again(redis_url, redis_client,
+                                                                  queue_name):  # fmt: skip
+    redis_client.script_flush()  # as after a restart: the fetch by digest finds no script
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, queue_name], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _publish_task(redis_url, queue_name, f"{queue_name}.done")
+        assert redis_client.blpop([f"{queue_name}.done"], timeout=30) is not None
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+def _publish_task(redis_url: str, queue_name: str, done_key: str) -> None:
+    from celery import Celery
+
+    app = Celery("fetchtest", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport = TRANSPORT
+    try:
+        app.send_task("fetchtest.mark", args=[done_key], queue=queue_name)
+    finally:
         app.close()
