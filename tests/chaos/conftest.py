@@ -369,19 +369,37 @@ def _children(pid: int) -> list[int]:
 
 
 class WorkerInstance:
-    """One ``bridge worker --pool prefork`` process and its pool children."""
+    """One ``bridge worker`` process: prefork (with pool children) or threads."""
 
-    def __init__(self, index: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        index: int,
+        log_path: Path,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        queues: str | None = None,
+    ) -> None:
         self.index = index
         self.log_path = log_path
+        self.pool = pool
+        self.concurrency = concurrency
+        self.queues = queues
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, env: dict[str, str], concurrency: int) -> None:
+    @property
+    def ready(self) -> bool:
+        if self.pool != "prefork":
+            return self.alive  # a threads pool has no children to wait for
+        return len(self.children()) >= self.concurrency
+
+    def start(self, env: dict[str, str]) -> None:
         log = self.log_path.open("ab")
+        queues = ["-Q", self.queues] if self.queues else []
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "bridge.cli", "worker",
-                "--pool", "prefork", "--concurrency", str(concurrency),
+                "--pool", self.pool, "--concurrency", str(self.concurrency), *queues,
                 "--loglevel", "INFO", "-n", f"chaos{self.index}-{uuid.uuid4().hex[:6]}@%h",
             ],
             cwd=ROOT,
@@ -462,6 +480,7 @@ class ChaosStack:
         workdir: Path,
         instances: int = 2,
         concurrency: int = 2,
+        act_pool: str | None = None,
         extra_env: dict[str, str] | None = None,
         client_secret: str = SIM_CLIENT_SECRET,
         password: str = SIM_PASSWORD,
@@ -506,7 +525,20 @@ class ChaosStack:
         self.app = create_app(self.settings)
         self.redis = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
         self.dlq = DeadLetterStore(self.redis, prefix=self.prefix, clock=time.time)
-        self.workers = [WorkerInstance(i, workdir / f"worker{i}.log") for i in range(instances)]
+        # act_pool "threads:N": the recommended layout, the prefork instances take only the
+        # intake and one more instance runs the ITSM actions on a threads pool
+        intake_only = "bridge.intake" if act_pool else None
+        self.workers = [
+            WorkerInstance(i, workdir / f"worker{i}.log", concurrency=concurrency,
+                           queues=intake_only)
+            for i in range(instances)
+        ]  # fmt: skip
+        if act_pool:
+            pool, _, threads = act_pool.partition(":")
+            self.workers.append(
+                WorkerInstance(instances, workdir / f"worker{instances}.log", pool=pool,
+                               concurrency=int(threads), queues="bridge.urgent,bridge.updates")
+            )  # fmt: skip
         self.accepted: set[str] = set()
         self.alerts_accepted = 0
         self.kills = 0
@@ -526,9 +558,9 @@ class ChaosStack:
         with self._lifecycle:
             for w in self.workers:
                 if not w.alive:
-                    w.start(self.env, self.concurrency)
+                    w.start(self.env)
         wait_for(
-            lambda: all(len(w.children()) >= self.concurrency for w in self.workers),
+            lambda: all(w.ready for w in self.workers),
             timeout=60,
             what="the worker pools",
         )
@@ -552,7 +584,7 @@ class ChaosStack:
                             tail = w.log_path.read_text(errors="replace")[-3000:]
                             self.crashes.append((w.index, tail))
                             w.proc = None
-                            w.start(self.env, self.concurrency)
+                            w.start(self.env)
 
         self._supervisor = threading.Thread(target=loop, daemon=True)
         self._supervisor.start()
@@ -576,19 +608,20 @@ class ChaosStack:
             return True
         return False
 
-    def kill_instance(self) -> None:
+    def kill_instance(self, index: int | None = None) -> None:
         """SIGKILL a whole instance (main process and pool) and start it again."""
         with self._lifecycle:
-            victim = self._rng.choice([w for w in self.workers if w.alive])
+            alive = [w for w in self.workers if w.alive]
+            victim = self.workers[index] if index is not None else self._rng.choice(alive)
             victim.kill_all()
             self.kills += 1
-            victim.start(self.env, self.concurrency)
+            victim.start(self.env)
 
     def ensure_running(self) -> None:
         with self._lifecycle:
             for w in self.workers:
                 if not w.alive:
-                    w.start(self.env, self.concurrency)
+                    w.start(self.env)
 
     def close(self) -> None:
         self.stop()

@@ -16,9 +16,16 @@ from tests.chaos.conftest import (
 
 
 def _storm_with_kills(
-    stack: ChaosStack, payloads: list, *, child_kills: int, instance_kills: int, pace_s: float
+    stack: ChaosStack,
+    payloads: list,
+    *,
+    child_kills: int,
+    instance_kills: int,
+    pace_s: float,
+    instance: int | None = None,
 ) -> None:
-    """Publish the storm while a killer SIGKILLs pool children and whole instances."""
+    """Publish the storm while a killer SIGKILLs pool children and whole instances
+    (``instance``: always that one, else one at random)."""
     stop = threading.Event()
     # whole-instance kills early and spread out, so their messages come back inside the run
     plan = ["child"] * child_kills
@@ -31,7 +38,7 @@ def _storm_with_kills(
             if stop.is_set():
                 return
             if what == "instance":
-                stack.kill_instance()
+                stack.kill_instance(instance)
             else:
                 for _ in range(20):  # a respawned child may take a moment to appear
                     if stack.kill_child():
@@ -61,6 +68,32 @@ def test_kill_9_storm_on_the_redis_broker(redis_servers, sim_factory, stack_fact
     assert stack.kills >= 12
     # a whole instance killed on Redis: its unacked messages return after the visibility
     # timeout (60 s) and the next restore sweep (10 s)
+    acc = stack.settle(timeout=150)
+    assert not acc.missing
+    assert not acc.duplicates, acc.duplicates
+    replayed = stack.replay_all()
+    acc = assert_exactly_one_incident_per_key(stack)
+    assert not stack.dead_letters()
+    assert not stack.crashes, "no worker exits other than the kills"
+    record(acc, stack, dead_letters_replayed=replayed)
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_storm_with_the_actions_on_a_threads_worker(
+    redis_servers, sim_factory, stack_factory
+):
+    broker, state = redis_servers
+    sim = sim_factory("serviceops")
+    sim.set_latency(0.05)
+    stack = stack_factory(
+        broker_url=broker.url(), redis_url=state.url(), sim=sim, act_pool="threads:8"
+    )
+    stack.start()
+    payloads = storm(n_keys=40, repeats=5, batch=4, seed=3)
+    # the whole-instance kills hit the threads worker (the last instance): its actions in
+    # flight come back after the visibility timeout; the child kills hit the intake pools
+    _storm_with_kills(stack, payloads, child_kills=8, instance_kills=3, pace_s=0.25, instance=-1)
+    assert stack.kills >= 11
     acc = stack.settle(timeout=150)
     assert not acc.missing
     assert not acc.duplicates, acc.duplicates
