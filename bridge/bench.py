@@ -173,8 +173,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--act-pool",
         metavar="POOL:N",
+        default="threads:16",
         help="run ITSM actions (bridge.urgent, bridge.updates) on a second worker with this "
-        "pool, e.g. threads:16; the prefork workers then take only bridge.intake",
+        "pool, the deployment docs/runbook.md recommends; the prefork workers then take only "
+        "bridge.intake. 'none': every queue on the prefork workers (default: %(default)s)",
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     args = parser.parse_args(argv)
@@ -183,6 +185,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown phase {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     args.phases = phases
+    if args.act_pool.strip().lower() in {"", "none"}:
+        args.act_pool = ""
     if args.act_pool:
         pool, _, count = args.act_pool.partition(":")
         if pool not in {"threads", "prefork", "gevent"} or not count.isdigit() or int(count) < 1:

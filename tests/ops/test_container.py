@@ -122,15 +122,30 @@ def _command(service: dict) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else list(command)
 
 
-def test_compose_has_brokers_ingest_two_workers_and_the_simulator(compose):
+def test_compose_has_brokers_ingest_workers_and_the_simulator(compose):
     services = compose["services"]
     assert {"redis", "rabbitmq"} <= set(services)
     assert services["redis"]["image"].startswith("redis:")
     assert services["rabbitmq"]["image"].startswith("rabbitmq:")
     roles = [(_command(s) or ["serve"])[0] for s in services.values() if "build" in s]
     assert roles.count("serve") == 1
-    assert roles.count("worker") == 2
+    assert roles.count("worker") == 4
     assert roles.count("itsm-sim") == 1
+
+
+def _queues(command: list[str]) -> set[str]:
+    if "-Q" not in command:
+        return {"bridge.intake", "bridge.urgent", "bridge.updates"}
+    return set(command[command.index("-Q") + 1].split(","))
+
+
+def test_compose_runs_two_workers_for_every_queue_and_the_actions_on_threads(compose):
+    workers = [_command(s) for s in compose["services"].values() if _command(s)[:1] == ["worker"]]
+    for queue in ("bridge.intake", "bridge.urgent", "bridge.updates"):
+        assert sum(queue in _queues(w) for w in workers) >= 2, queue
+    for command in workers:
+        if _queues(command) & {"bridge.urgent", "bridge.updates"}:
+            assert command[command.index("--pool") + 1] == "threads"
 
 
 def test_bridge_services_are_wired_to_the_brokers_and_the_simulator(compose):
