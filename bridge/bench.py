@@ -71,7 +71,7 @@ TARGET_PER_ALERT_RATIO = 0.8
 # The nearest honest target where 0.8 x floor is out of reach (docs/performance.md): the
 # bridge's own per-alert work (parsing, keying, the state script, the creates) on top of
 # what no per-alert design avoids (the alert's message and one Redis round trip).
-TARGET_PER_ALERT_RTT_RATIO = 0.8
+TARGET_PER_ALERT_RTT_RATIO = 0.75
 TARGET_BATCHED_ALERTS_S = 20_000
 TARGET_WRITES_PER_ALERT = 0.011  # 100 repeats per key: 1 create per key plus 10% slack
 TARGET_LATENCY_P99_OVER_ITSM_MS = 50.0
