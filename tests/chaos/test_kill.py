@@ -56,15 +56,27 @@ def _storm_with_kills(
     stack.ensure_running()
 
 
+# "prefork": every queue on the prefork instances, whole-instance kills at random;
+# "threads": the deployed layout, the ITSM actions on a threads worker, and every
+# whole-instance kill hits that worker (its actions in flight must come back)
+LAYOUTS = {"prefork": {}, "threads": {"act_pool": "threads:8"}}
+VICTIM = {"prefork": None, "threads": -1}
+
+
 @pytest.mark.timeout(240)
-def test_kill_9_storm_on_the_redis_broker(redis_servers, sim_factory, stack_factory):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kill_9_storm_on_the_redis_broker(redis_servers, sim_factory, stack_factory, layout):
     broker, state = redis_servers
     sim = sim_factory("serviceops")
     sim.set_latency(0.05)  # kills land while requests are in flight
-    stack = stack_factory(broker_url=broker.url(), redis_url=state.url(), sim=sim)
+    stack = stack_factory(
+        broker_url=broker.url(), redis_url=state.url(), sim=sim, **LAYOUTS[layout]
+    )
     stack.start()
     payloads = storm(n_keys=40, repeats=5, batch=4, seed=1)
-    _storm_with_kills(stack, payloads, child_kills=10, instance_kills=2, pace_s=0.25)
+    _storm_with_kills(
+        stack, payloads, child_kills=10, instance_kills=2, pace_s=0.25, instance=VICTIM[layout]
+    )
     assert stack.kills >= 12
     # a whole instance killed on Redis: its unacked messages return after the visibility
     # timeout (60 s) and the next restore sweep (10 s)
@@ -78,44 +90,25 @@ def test_kill_9_storm_on_the_redis_broker(redis_servers, sim_factory, stack_fact
     record(acc, stack, dead_letters_replayed=replayed)
 
 
-@pytest.mark.timeout(240)
-def test_kill_9_storm_with_the_actions_on_a_threads_worker(
-    redis_servers, sim_factory, stack_factory
-):
-    broker, state = redis_servers
-    sim = sim_factory("serviceops")
-    sim.set_latency(0.05)
-    stack = stack_factory(
-        broker_url=broker.url(), redis_url=state.url(), sim=sim, act_pool="threads:8"
-    )
-    stack.start()
-    payloads = storm(n_keys=40, repeats=5, batch=4, seed=3)
-    # the whole-instance kills hit the threads worker (the last instance): its actions in
-    # flight come back after the visibility timeout; the child kills hit the intake pools
-    _storm_with_kills(stack, payloads, child_kills=8, instance_kills=3, pace_s=0.25, instance=-1)
-    assert stack.kills >= 11
-    acc = stack.settle(timeout=150)
-    assert not acc.missing
-    assert not acc.duplicates, acc.duplicates
-    replayed = stack.replay_all()
-    acc = assert_exactly_one_incident_per_key(stack)
-    assert not stack.dead_letters()
-    assert not stack.crashes, "no worker exits other than the kills"
-    record(acc, stack, dead_letters_replayed=replayed)
-
-
 @pytest.mark.timeout(180)
-def test_kill_9_storm_on_rabbitmq(rabbit_vhost, redis_servers, sim_factory, stack_factory):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kill_9_storm_on_rabbitmq(rabbit_vhost, redis_servers, sim_factory, stack_factory, layout):
     node, vhost, url = rabbit_vhost
     _, state = redis_servers
     sim = sim_factory("serviceops")
     sim.set_latency(0.05)
     stack = stack_factory(
-        broker_url=url, redis_url=state.url(), sim=sim, broker_queued=lambda: node.queued(vhost)
+        broker_url=url,
+        redis_url=state.url(),
+        sim=sim,
+        broker_queued=lambda: node.queued(vhost),
+        **LAYOUTS[layout],
     )
     stack.start()
     payloads = storm(n_keys=40, repeats=5, batch=4, seed=2)
-    _storm_with_kills(stack, payloads, child_kills=8, instance_kills=4, pace_s=0.25)
+    _storm_with_kills(
+        stack, payloads, child_kills=8, instance_kills=4, pace_s=0.25, instance=VICTIM[layout]
+    )
     assert stack.kills >= 12
     acc = stack.settle(timeout=90)
     assert not acc.missing
