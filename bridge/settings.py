@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -476,6 +477,11 @@ class Settings(BaseModel):
         ]
         values = [s.get_secret_value() for s in secrets]
         values += [tok for tok, _ in parse_ingest_tokens(self.ingest_tokens.get_secret_value())]
+        for url in (self.broker_url, self.redis_url):
+            # a password written into a broker or Redis URL, as written and decoded
+            password = urlsplit(url).password if url else None
+            if password:
+                values += [password, unquote(password)]
         return [v for v in values if v]
 
 
