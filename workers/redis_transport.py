@@ -22,11 +22,11 @@ from queue import Empty
 from time import monotonic, time
 from typing import Any
 
-import orjson
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
+
+from workers import wire_json
 
 FETCH_SCRIPT = """
 -- KEYS: the queue lists in the order BRPOP would read them, kombu's unacked hash and its
@@ -68,20 +68,6 @@ WAKE_STREAM_LENGTH = 1000
 WAKE_WAIT_MS = 1000
 
 
-def _encode(message: Any) -> bytes | str:
-    """kombu's JSON for a message on the list, written by orjson where it can."""
-    try:
-        return orjson.dumps(message)
-    except TypeError:  # a value only kombu's encoder knows (it tags it with __type__)
-        return str(dumps(message))
-
-
-def _decode(raw: bytes) -> Any:
-    if b'"__type__"' in raw:
-        return loads(raw.decode())  # kombu's typed values
-    return orjson.loads(raw)
-
-
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.channel.recorded:
@@ -119,7 +105,7 @@ class Channel(kombu_redis.Channel):
             return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            pipe.lpush(key, _encode(message))
+            pipe.lpush(key, wire_json.dumps(message))
             # after the push: a consumer that missed the message is woken by this entry
             pipe.xadd(WAKE_STREAM, {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
             pipe.execute()
@@ -176,7 +162,7 @@ class Channel(kombu_redis.Channel):
             if len(reply) > 2:
                 self.recorded.add(reply[2].decode())
             self._queue_cycle.rotate(dest)
-            self.connection._deliver(_decode(reply[1]), dest)
+            self.connection._deliver(wire_json.loads(reply[1]), dest)
             return True
         finally:
             self._pending = None
