@@ -58,6 +58,10 @@ BROKER_DB = 5
 STATE_DB = 6
 RESERVED_DBS = frozenset({11, 12, 13})  # flushed by the test suites
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
+# What docker-compose.yml and docs/runbook.md give the intake workers: each pool process
+# has its next message at hand when it finishes one, instead of idling while the main
+# process acknowledges and fetches (docs/performance.md, "Prefetch 2 on intake").
+INTAKE_PREFETCH = 2
 PHASES = ("floor", "per_alert", "batched", "new", "latency")
 INGEST_TOKEN = "bench-ingest-token-5e1d"
 SIM_CLIENT_ID = "bench-client"
@@ -174,6 +178,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "pool, the deployment docs/runbook.md recommends; the prefork workers then take only "
         "bridge.intake. 'none': every queue on the prefork workers (default: %(default)s)",
     )
+    parser.add_argument(
+        "--intake-prefetch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefetch multiplier of the prefork workers (default: 2 when they take only "
+        "bridge.intake, as docs/runbook.md deploys them; 1 with --act-pool none)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -187,6 +199,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         pool, _, count = args.act_pool.partition(":")
         if pool not in {"threads", "prefork", "gevent"} or not count.isdigit() or int(count) < 1:
             parser.error("--act-pool takes POOL:N, e.g. threads:16")
+    if args.intake_prefetch is None:
+        args.intake_prefetch = INTAKE_PREFETCH if args.act_pool else 1
+    if args.intake_prefetch < 1:
+        parser.error("--intake-prefetch must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.batch_size < 1:
@@ -486,6 +502,8 @@ class Harness:
     def _worker(self, pool: str, concurrency: int, queues: str | None) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "bridge.cli", "worker", "--pool", pool]
         command += ["--concurrency", str(concurrency), "--loglevel", "WARNING"]
+        if pool == "prefork":
+            command += ["--prefetch-multiplier", str(self.args.intake_prefetch)]
         if queues:
             command += ["-Q", queues, "-n", f"bench-{pool}@%h"]
         log = self.log_path.open("ab")
@@ -1394,6 +1412,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def render(out: dict[str, Any]) -> str:
     head = (
         f"bridge bench: broker {out['broker']}, {out['workers']} prefork worker processes, "
+        f"prefetch {out['prefetch_multiplier']}, "
         f"{'actions on ' + out['act_pool'] + ', ' if out['act_pool'] else ''}"
         f"ITSM {out['itsm_flavor']} at {out['itsm_latency_ms']:g} ms, "
         f"{'quick' if out['quick'] else 'full'} sizes, commit {out['git_commit']}"
@@ -1426,6 +1445,7 @@ def main(argv: list[str]) -> int:
         "itsm_latency_ms": args.itsm_latency_ms,
         "itsm_flavor": args.flavor,
         "act_pool": args.act_pool or "",
+        "prefetch_multiplier": args.intake_prefetch,
         "quick": args.quick,
         "scale": args.scale,
         "phases": args.phases,

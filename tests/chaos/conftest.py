@@ -379,12 +379,14 @@ class WorkerInstance:
         pool: str = "prefork",
         concurrency: int = 2,
         queues: str | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.index = index
         self.log_path = log_path
         self.pool = pool
         self.concurrency = concurrency
         self.queues = queues
+        self.prefetch = prefetch
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -396,6 +398,8 @@ class WorkerInstance:
     def start(self, env: dict[str, str]) -> None:
         log = self.log_path.open("ab")
         queues = ["-Q", self.queues] if self.queues else []
+        if self.prefetch is not None:
+            queues += ["--prefetch-multiplier", str(self.prefetch)]
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "bridge.cli", "worker",
@@ -481,6 +485,7 @@ class ChaosStack:
         instances: int = 2,
         concurrency: int = 2,
         act_pool: str | None = None,
+        intake_prefetch: int | None = None,
         extra_env: dict[str, str] | None = None,
         client_secret: str = SIM_CLIENT_SECRET,
         password: str = SIM_PASSWORD,
@@ -526,11 +531,12 @@ class ChaosStack:
         self.redis = redis_lib.Redis.from_url(redis_url, socket_timeout=5)
         self.dlq = DeadLetterStore(self.redis, prefix=self.prefix, clock=time.time)
         # act_pool "threads:N": the recommended layout, the prefork instances take only the
-        # intake and one more instance runs the ITSM actions on a threads pool
+        # intake (with intake_prefetch, as deployed) and one more instance runs the ITSM
+        # actions on a threads pool
         intake_only = "bridge.intake" if act_pool else None
         self.workers = [
             WorkerInstance(i, workdir / f"worker{i}.log", concurrency=concurrency,
-                           queues=intake_only)
+                           queues=intake_only, prefetch=intake_prefetch)
             for i in range(instances)
         ]  # fmt: skip
         if act_pool:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from bridge.bench import INTAKE_PREFETCH
 from tests.chaos.conftest import (
     ChaosStack,
     assert_exactly_one_incident_per_key,
@@ -57,10 +58,13 @@ def _storm_with_kills(
 
 
 # "prefork": every queue on the prefork instances, whole-instance kills at random;
-# "threads": the deployed layout, the ITSM actions on a threads worker, and every
-# whole-instance kill hits that worker (its actions in flight must come back)
-LAYOUTS = {"prefork": {}, "threads": {"act_pool": "threads:8"}}
-VICTIM = {"prefork": None, "threads": -1}
+# "threads" and "intake": the deployed layout, the intake on prefork instances that
+# prefetch 2 messages per process and the ITSM actions on a threads worker. In "threads"
+# every whole-instance kill hits the threads worker (its actions in flight must come
+# back), in "intake" the first intake instance (its prefetched messages must come back).
+DEPLOYED = {"act_pool": "threads:8", "intake_prefetch": INTAKE_PREFETCH}
+LAYOUTS = {"prefork": {}, "threads": DEPLOYED, "intake": DEPLOYED}
+VICTIM = {"prefork": None, "threads": -1, "intake": 0}
 
 
 @pytest.mark.timeout(240)

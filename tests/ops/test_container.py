@@ -148,6 +148,19 @@ def test_compose_runs_two_workers_for_every_queue_and_the_actions_on_threads(com
             assert command[command.index("--pool") + 1] == "threads"
 
 
+def test_compose_intake_workers_prefetch_what_the_benchmark_measures(compose):
+    from bridge.bench import INTAKE_PREFETCH
+
+    workers = [_command(s) for s in compose["services"].values() if _command(s)[:1] == ["worker"]]
+    intake = [w for w in workers if _queues(w) == {"bridge.intake"}]
+    assert intake
+    for command in intake:
+        assert command[command.index("--prefetch-multiplier") + 1] == str(INTAKE_PREFETCH)
+    for command in workers:
+        if command not in intake:  # a prefetched action would wait behind a slow ITSM call
+            assert "--prefetch-multiplier" not in command
+
+
 def test_bridge_services_are_wired_to_the_brokers_and_the_simulator(compose):
     services = compose["services"]
     sim = next(name for name, s in services.items() if _command(s)[:1] == ["itsm-sim"])
