@@ -649,6 +649,7 @@ def _harness(redis_url: str, workers: int) -> Any:
         itsm_latency_ms=15.0,
         workers=workers,
         act_pool=None,
+        intake_prefetch=1,
         keep_logs=False,
         profile=None,
     )

@@ -118,7 +118,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write samples and verdicts as JSON")
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     # read by bridge.bench.Harness; not options of the soak
-    parser.set_defaults(flavor="itsm", act_pool=None, profile=None)
+    parser.set_defaults(flavor="itsm", act_pool=None, intake_prefetch=1, profile=None)
     args = parser.parse_args(argv)
     if args.minutes * 60 <= args.warmup_s:
         parser.error("--minutes must outlast --warmup-s")

@@ -15,7 +15,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -88,7 +88,8 @@ class Action:
         return UPDATES if self.decision == Decision.COALESCED_UPDATE else URGENT
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: every caller serialises it at once (asdict's deep copy cost more)
+        return {name: getattr(self, name) for name in _ACTION_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Action:
@@ -119,6 +120,9 @@ class Action:
         if self.incident_id is None:
             return None
         return IncidentRef(self.incident_id, self.incident_display)
+
+
+_ACTION_FIELDS = tuple(f.name for f in fields(Action))
 
 
 class ActionSink(Protocol):

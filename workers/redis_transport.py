@@ -18,6 +18,8 @@ never missed). An idle worker costs Redis two calls a second.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -82,11 +84,26 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._sync_client: Any = None  # see conn_or_acquire
         self.recorded: set[str] = set()  # delivery tags the fetch script put in unacked
         self._pending: str | None = None  # "fetch" or "wake": the command in flight
         self._fetch_keys: list[str] = []
         self._wake_from: str | None = None
         super().__init__(*args, **kwargs)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        # kombu builds a new redis-py client, with its table of ~100 reply callbacks, for
+        # every publish, ack and reject; one client per connection pool does the same
+        # work (a client holds no connection of its own; the pool is thread-safe)
+        if client:
+            yield client
+            return
+        pool = self.pool  # a new pool after a fork or a reconnect: a new client with it
+        cached = self._sync_client
+        if cached is None or cached.connection_pool is not pool:
+            cached = self._sync_client = self._create_client()
+        yield cached
 
     def _ours(self) -> bool:
         # Without an event loop (a plain drain_events) kombu's blocking pop is the only

@@ -101,6 +101,26 @@ def test_the_wake_up_stream_stays_short(redis_url, redis_client, queue_name):
     assert redis_client.xlen(WAKE_STREAM) < 1200  # trimmed to ~1,000 on every push
 
 
+def test_publishes_and_acks_share_one_client_per_connection_pool(redis_url):
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.connection_pool is channel.pool
+
+
+def test_a_channel_whose_pool_was_replaced_gets_a_client_on_the_new_pool(redis_url):
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as before:
+            pass
+        channel._disconnect_pools()  # what kombu does in a forked child
+        with channel.conn_or_acquire() as after:
+            assert after is not before
+            assert after.connection_pool is channel.pool
+            assert after.ping()
+
+
 WORKER = """
 import sys
 from celery import Celery
