@@ -60,7 +60,7 @@ RESERVED_DBS = frozenset({11, 12, 13})  # flushed by the test suites
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
 # What docker-compose.yml and docs/runbook.md give the intake workers: each pool process
 # has its next message at hand when it finishes one, instead of idling while the main
-# process acknowledges and fetches (docs/performance.md, "Prefetch 2 on intake").
+# process acknowledges and fetches (docs/performance.md, "Prefetch 2 on the intake workers").
 INTAKE_PREFETCH = 2
 PHASES = ("floor", "per_alert", "batched", "new", "latency")
 INGEST_TOKEN = "bench-ingest-token-5e1d"
