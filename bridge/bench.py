@@ -721,7 +721,7 @@ class Harness:
         extra_args: tuple[Any, ...] = (),
     ) -> float:
         """Put every message on the intake queue (workers stopped); returns messages/s."""
-        from workers.app import INTAKE_QUEUE
+        from workers.app import INTAKE_QUEUE, intake_argsrepr
 
         _note(f"  publishing {expected:,} {what} messages")
         started = time.perf_counter()
@@ -729,8 +729,15 @@ class Harness:
         deadline = time.monotonic() + max(120.0, expected / 300)
         with self.app.producer_or_acquire() as producer:
             for body in bodies:
+                # the headers the ingest writes (workers.app.publish), not Celery's
+                # repr of the whole payload, which would make every message larger
                 self.app.send_task(
-                    task, args=[body, *extra_args], queue=INTAKE_QUEUE, producer=producer
+                    task,
+                    args=[body, *extra_args],
+                    argsrepr=intake_argsrepr(body) if body is not None else None,
+                    kwargsrepr="{}",
+                    queue=INTAKE_QUEUE,
+                    producer=producer,
                 )
                 sent += 1
                 if sent % 5000 == 0 and time.monotonic() > deadline:

@@ -138,14 +138,19 @@ class CelerySink:
         )
 
 
+def intake_argsrepr(message: Any) -> str:
+    """What an intake message's headers say of it: its format, not a repr of its payload,
+    which would cost more than the publish and carry whatever the annotations hold."""
+    fmt = message.get("format") if isinstance(message, dict) else None
+    return f"({fmt or 'unknown'} message)"
+
+
 def publish(app: Celery, message: dict[str, Any], *, timeout: float | None = None) -> None:
     """Put one intake message on the broker; raises when the broker does not take it."""
     app.send_task(
         "bridge.intake",
         args=[message],
-        # not a repr of the payload in the headers: it costs more than the publish and
-        # would carry whatever the alert's annotations hold
-        argsrepr=f"({message.get('format', 'unknown')} message)",
+        argsrepr=intake_argsrepr(message),
         kwargsrepr="{}",
         queue=INTAKE_QUEUE,
         retry=timeout is not None,
