@@ -397,13 +397,13 @@ class WorkerInstance:
 
     def start(self, env: dict[str, str]) -> None:
         log = self.log_path.open("ab")
-        queues = ["-Q", self.queues] if self.queues else []
+        options = ["-Q", self.queues] if self.queues else []
         if self.prefetch is not None:
-            queues += ["--prefetch-multiplier", str(self.prefetch)]
+            options += ["--prefetch-multiplier", str(self.prefetch)]
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "bridge.cli", "worker",
-                "--pool", self.pool, "--concurrency", str(self.concurrency), *queues,
+                "--pool", self.pool, "--concurrency", str(self.concurrency), *options,
                 "--loglevel", "INFO", "-n", f"chaos{self.index}-{uuid.uuid4().hex[:6]}@%h",
             ],
             cwd=ROOT,
