@@ -1416,13 +1416,18 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return table
 
 
+def _scaled(out: dict[str, Any]) -> str:
+    scale = out.get("scale", 1.0)
+    return "" if scale == 1.0 else f" x {scale:g}"
+
+
 def render(out: dict[str, Any]) -> str:
     head = (
         f"bridge bench: broker {out['broker']}, {out['workers']} prefork worker processes, "
         f"prefetch {out['prefetch_multiplier']}, "
         f"{'actions on ' + out['act_pool'] + ', ' if out['act_pool'] else ''}"
         f"ITSM {out['itsm_flavor']} at {out['itsm_latency_ms']:g} ms, "
-        f"{'quick' if out['quick'] else 'full'} sizes, commit {out['git_commit']}"
+        f"{'quick' if out['quick'] else 'full'} sizes{_scaled(out)}, commit {out['git_commit']}"
         f"{' (modified)' if out['git_dirty'] else ''}, {out['cpus']} CPUs"
     )
     table = rows(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.bench import INTAKE_PREFETCH, parse_args
+from bridge.bench import INTAKE_PREFETCH, parse_args, render
 
 
 def test_intake_only_workers_prefetch_as_deployed_by_default():
@@ -24,3 +24,26 @@ def test_a_prefetch_below_one_is_refused_with_the_option_named(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--intake-prefetch", "0"])
     assert "--intake-prefetch must be at least 1" in capsys.readouterr().err
+
+
+def _header(**overrides: object) -> str:
+    out: dict[str, object] = {
+        "broker": "redis",
+        "workers": 2,
+        "prefetch_multiplier": 2,
+        "act_pool": "threads:16",
+        "itsm_flavor": "itsm",
+        "itsm_latency_ms": 5.0,
+        "quick": False,
+        "scale": 1.0,
+        "git_commit": "abc123",
+        "git_dirty": False,
+        "cpus": 2,
+    }
+    out.update(overrides)
+    return render(out).splitlines()[0]
+
+
+def test_the_table_header_says_when_the_sizes_were_scaled():
+    assert "full sizes x 0.3," in _header(scale=0.3)
+    assert "full sizes," in _header()
