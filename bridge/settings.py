@@ -188,7 +188,13 @@ class Settings(BaseModel):
             "Verify the ITSM's TLS certificate (switching it off is logged at every start)."
         ),
     )
-    itsm_ca_bundle: str = Field(default="", description="Path of a PEM bundle for a private CA.")
+    itsm_ca_bundle: str = Field(
+        default="",
+        description=(
+            "Path of a PEM bundle for a private CA. Unset, `REQUESTS_CA_BUNDLE` or "
+            "`CURL_CA_BUNDLE` apply when set; this setting and `verify_tls = false` win over them."
+        ),
+    )
     itsm_check_incident_id: int = Field(
         default=0,
         ge=0,

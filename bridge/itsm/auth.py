@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import requests
 import structlog
-from requests.adapters import HTTPAdapter
 
 from bridge.itsm.errors import (
     AuthError,
@@ -38,6 +37,7 @@ from bridge.itsm.errors import (
     parse_retry_after,
     server_message,
 )
+from bridge.itsm.sessions import fresh_copy
 
 log = structlog.get_logger(__name__)
 
@@ -231,11 +231,7 @@ class TokenProvider:
         # may have held at fork time must not be used here.
         self._pid = os.getpid()
         self._thread_lock = threading.Lock()
-        old, self._session = self._session, requests.Session()
-        self._session.verify = old.verify
-        for prefix, adapter in old.adapters.items():
-            if isinstance(adapter, HTTPAdapter):
-                self._session.mount(prefix, HTTPAdapter(pool_connections=1, max_retries=0))
+        self._session = fresh_copy(self._session)
 
     def _current_locked(self) -> _Token:
         now = self._clock()

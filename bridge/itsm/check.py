@@ -18,7 +18,6 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from bridge.itsm.auth import build_auth
-from bridge.itsm.client import new_session
 from bridge.itsm.errors import (
     AuthError,
     BadClientCredentials,
@@ -26,6 +25,7 @@ from bridge.itsm.errors import (
     ItsmError,
     server_message,
 )
+from bridge.itsm.sessions import new_session, tls_verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,7 @@ def check_itsm(settings: Any, redis: Any = None) -> CheckResult:
         import fakeredis
 
         redis = fakeredis.FakeRedis()
-    verify = settings.itsm_ca_bundle or settings.itsm_verify_tls
-    session = new_session(1, verify)
+    session = new_session(settings.itsm_url, tls_verify(settings))
     auth = build_auth(settings.model_copy(update={"redis_prefix": prefix}), redis, session)
     try:
         try:

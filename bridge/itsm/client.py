@@ -22,7 +22,6 @@ from typing import Any
 
 import requests
 import structlog
-from requests.adapters import HTTPAdapter
 
 from bridge.itsm.auth import Credentials, OnRequest, build_auth
 from bridge.itsm.errors import (
@@ -36,6 +35,7 @@ from bridge.itsm.errors import (
 )
 from bridge.itsm.guard import Guard
 from bridge.itsm.model import Impact, Incident, IncidentDraft, IncidentRef, Priority
+from bridge.itsm.sessions import new_session, tls_verify
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class IncidentClient:
         self._base = settings.itsm_url.rstrip("/")
         self._auth = auth
         self._timeout = (settings.itsm_connect_timeout_s, settings.itsm_read_timeout_s)
-        self._verify: bool | str = settings.itsm_ca_bundle or settings.itsm_verify_tls
+        self._verify = tls_verify(settings)
         self._pool_size = settings.itsm_pool_size
         self._on_request = on_request
         self._clock = clock
@@ -179,7 +179,7 @@ class IncidentClient:
                 self._sessions = []
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = new_session(self._pool_size, self._verify)
+            session = new_session(self._base, self._verify, self._pool_size)
             self._local.session = session
             with self._sessions_lock:
                 self._sessions.append(session)
@@ -572,17 +572,6 @@ def _elide(text: str, limit: int) -> str:
     return text[:head] + marker + text[-(limit - head - len(marker)) :]
 
 
-def new_session(pool_size: int, verify: bool | str) -> requests.Session:
-    """A Session for one host: no urllib3 retries (the caller's retry policy decides)."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.verify = verify
-    session.trust_env = True
-    return session
-
-
 def build_client(
     settings: Any,
     redis: Any,
@@ -591,7 +580,7 @@ def build_client(
     clock: Callable[[], float] = time.time,
 ) -> IncidentClient:
     """The incident client for ``settings.itsm_flavor``; call it after fork."""
-    verify: bool | str = settings.itsm_ca_bundle or settings.itsm_verify_tls
+    verify = tls_verify(settings)
     if verify is False and settings.itsm_url.startswith("https"):
         # Never silent: every process that talks to the ITSM says so once.
         log.warning(
@@ -599,7 +588,8 @@ def build_client(
             "anyone on the path can read the credentials",
             itsm_url=settings.itsm_url,
         )
-    auth = build_auth(settings, redis, new_session(1, verify), on_request=on_request)
+    session = new_session(settings.itsm_url, verify)
+    auth = build_auth(settings, redis, session, on_request=on_request)
     cls: type[IncidentClient] = GenBClient if settings.itsm_flavor == "serviceops" else GenAClient
     guard = Guard.from_settings(settings, redis)
     return cls(settings, auth, on_request=on_request, clock=clock, guard=guard)

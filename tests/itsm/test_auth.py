@@ -17,9 +17,10 @@ import redis as redis_lib
 import structlog
 
 from bridge.itsm.auth import ApiKeyAuth, TokenProvider
-from bridge.itsm.client import build_client, new_session
+from bridge.itsm.client import build_client
 from bridge.itsm.errors import AuthError, BadClientCredentials, BadUserCredentials, ItsmError
 from bridge.itsm.model import Impact, IncidentDraft, IncidentRef, Priority
+from bridge.itsm.sessions import new_session
 from bridge.logs import configure_logging
 from bridge.settings import load_settings
 from tests.conftest import (
@@ -66,7 +67,7 @@ def provider(sim: Any, redis: Any, **overrides: Any) -> TokenProvider:
         "prefix": "authtest",
     }
     kwargs.update(overrides)
-    return TokenProvider(new_session(1, True), redis, **kwargs)
+    return TokenProvider(new_session(kwargs["url"], True), redis, **kwargs)
 
 
 def token_requests(sim: Any) -> int:

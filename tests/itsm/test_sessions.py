@@ -1,0 +1,171 @@
+"""The ITSM client reads the environment once, and the environment never overrides the
+settings: proxies and a CA bundle from the environment apply, an explicit TLS setting wins
+over them, and a ``.netrc`` entry never replaces the token."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import certifi
+import pytest
+import trustme
+
+from bridge.itsm.client import build_client
+from bridge.itsm.errors import ItsmError
+from tests.itsm.test_client import DRAFT, settings_for
+
+ENVIRONMENT = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NETRC",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+class TlsFront:
+    """TLS in front of the simulator, as a load balancer with a private CA's certificate."""
+
+    def __init__(self, upstream_port: int, context: ssl.SSLContext) -> None:
+        self._upstream_port = upstream_port
+        self._context = context
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://localhost:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        try:
+            tls = self._context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            conn.close()  # the client did not trust the certificate
+            return
+        upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+        done = threading.Event()
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            done.set()
+
+        threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
+        pump(tls, upstream)
+        done.wait(timeout=10)
+        for sock in (tls, upstream):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture
+def private_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    ca = trustme.CA()
+    bundle = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return ca, bundle
+
+
+@pytest.fixture
+def tls_front(itsm_sim: Any, private_ca: tuple[trustme.CA, Path]) -> Iterator[TlsFront]:
+    ca, _ = private_ca
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    front = TlsFront(itsm_sim.port, context)
+    yield front
+    front.close()
+
+
+def _client(sim: Any, redis_client: Any, **overrides: Any) -> Any:
+    return build_client(settings_for(sim, **overrides), redis_client)
+
+
+def _creates(sim: Any, redis_client: Any, **overrides: Any) -> bool:
+    client = _client(sim, redis_client, **overrides)
+    try:
+        ref = client.create(DRAFT, "session-test")
+        return client.get(ref).subject == DRAFT.subject
+    finally:
+        client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_netrc_entry_for_the_itsm_host_does_not_replace_the_token(
+    itsm_sim, redis_client, tmp_path, monkeypatch
+):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone-else password not-our-credentials\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert _creates(itsm_sim, redis_client)
+
+
+def test_a_configured_ca_bundle_wins_over_REQUESTS_CA_BUNDLE(
+    itsm_sim, redis_client, tls_front, private_ca, monkeypatch
+):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())  # public CAs only
+    _, bundle = private_ca
+    assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url, itsm_ca_bundle=str(bundle))
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_verification_switched_off_stays_off_when_REQUESTS_CA_BUNDLE_is_set(
+    itsm_sim, redis_client, tls_front, monkeypatch
+):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
+    assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url, itsm_verify_tls=False)
+
+
+def test_REQUESTS_CA_BUNDLE_applies_when_no_bundle_is_configured(
+    itsm_sim, redis_client, tls_front, private_ca, monkeypatch
+):
+    _, bundle = private_ca
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url)
+
+
+def test_a_certificate_from_an_unknown_ca_is_refused(itsm_sim, redis_client, tls_front):
+    with pytest.raises(ItsmError, match=r"(?i)certificate"):
+        _creates(itsm_sim, redis_client, itsm_url=tls_front.url)
+
+
+def test_the_proxy_named_in_the_environment_carries_the_calls(itsm_sim, redis_client, monkeypatch):
+    # The simulator answers requests sent to it as a proxy: the ITSM's own name is
+    # never resolved, so only a call through the proxy can reach it.
+    monkeypatch.setenv("HTTP_PROXY", itsm_sim.url)
+    assert _creates(itsm_sim, redis_client, itsm_url="http://itsm.invalid")
+
+
+def test_no_proxy_sends_the_calls_to_the_itsm_directly(itsm_sim, redis_client, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert _creates(itsm_sim, redis_client)
