@@ -107,7 +107,7 @@ class Metrics:
 
     def observe(self, name: str, **labels: Any) -> None:
         if name == "decision":
-            self.decisions.labels(labels["decision"]).inc()
+            self.decisions.labels(labels["decision"]).inc(labels.get("count", 1))
         elif name == "rejected":
             self.rejected.labels(labels.get("source", "unknown"), labels["reason"]).inc()
         elif name == "effect":

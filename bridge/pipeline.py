@@ -279,7 +279,6 @@ class Pipeline:
         for alert, token, outcome in zip(alerts, tokens, outcomes, strict=True):
             decision = outcome.decision
             result.decisions[decision] = result.decisions.get(decision, 0) + 1
-            self._observe("decision", decision=decision, source=alert.source)
             if log_each:
                 log.info(
                     decision,
@@ -293,6 +292,9 @@ class Pipeline:
             if decision in ACTING:
                 self.sink.submit(Action.from_outcome(alert, token, outcome, received_at))
                 result.actions += 1
+        # once per decision of the message, not once per alert (a batch has a hundred)
+        for decision, count in result.decisions.items():
+            self._observe("decision", decision=decision, count=count)
         if info and _log_enabled(logging.DEBUG):
             log.debug(
                 "message decided", message_id=message_id, alerts=len(alerts), **result.decisions
