@@ -467,7 +467,7 @@ class Harness:
         self.act_proc: subprocess.Popen[bytes] | None = None
         self.ingest: subprocess.Popen[bytes] | None = None
         self.ingest_url = ""
-        self.profiler: subprocess.Popen[bytes] | None = None
+        self.profilers: list[subprocess.Popen[bytes]] = []
 
     # -------------------------------------------------------------- lifecycle
 
@@ -591,6 +591,7 @@ class Harness:
             proc.wait(timeout=10)
 
     def start_profiler(self, name: str) -> None:
+        """py-spy on the intake worker (``NAME.txt``) and the action worker (``NAME.act.txt``)."""
         if not self.args.profile or self.proc is None:
             return
         spy = shutil.which("py-spy")
@@ -598,34 +599,39 @@ class Harness:
             raise BenchError("--profile needs py-spy (pip install py-spy)")
         out = Path(self.args.profile)
         out.mkdir(parents=True, exist_ok=True)
-        self.profiler = subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(self.proc.pid),
-                "--subprocesses",
-                "--format",
-                "raw",
-                "--rate",
-                "250",
-                "--output",
-                str(out / f"{name}.txt"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        targets = [(self.proc, f"{name}.txt"), (self.act_proc, f"{name}.act.txt")]
+        self.profilers = [
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--subprocesses",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "250",
+                    "--output",
+                    str(out / filename),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for proc, filename in targets
+            if proc is not None
+        ]
 
     def stop_profiler(self) -> None:
-        proc, self.profiler = self.profiler, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        profilers, self.profilers = self.profilers, []
+        for proc in profilers:
+            proc.send_signal(signal.SIGINT)
+        for proc in profilers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
     def close(self) -> None:
         self.stop_workers()
@@ -1093,6 +1099,7 @@ def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     lock = threading.Lock()
     bodies = [_probe_body(i) for i in range(n)]
     cpu0 = _LatencyCpu.now(h)
+    h.start_profiler("latency")
     start = time.perf_counter() + 0.2
 
     def client(index: int) -> None:
@@ -1133,6 +1140,7 @@ def phase_latency(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
         timeout=max(60.0, seconds * 4),
     )
     cpu = _LatencyCpu.now(h).minus(cpu0)
+    h.stop_profiler()
     ingest_after = h.ingest_rss()
     # The simulator stamps createdTime with time.time() in ms, in this process, after its
     # latency: the same clock as the 202 stamps above (1 ms resolution).
