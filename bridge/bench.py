@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
@@ -271,6 +271,13 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
     # after the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    """CPU time of a worker: its main process and its pool (0 when there is none)."""
+    if proc is None:
+        return 0.0
+    return sum(_cpu_seconds(pid) for pid in (proc.pid, *_children(proc.pid)))
 
 
 def _tree_rss(pid: int) -> dict[int, int]:
@@ -695,8 +702,16 @@ class Harness:
 
     def worker_cpu_s(self) -> float:
         """CPU seconds used so far by the worker processes (main process and pool)."""
-        procs = [p for p in (self.proc, self.act_proc) if p is not None]
-        return sum(_cpu_seconds(q) for p in procs for q in (p.pid, *_children(p.pid)))
+        return self.intake_cpu_s() + self.actions_cpu_s()
+
+    def intake_cpu_s(self) -> float:
+        """CPU seconds of the worker that takes ``bridge.intake`` (every queue without
+        ``--act-pool``)."""
+        return _tree_cpu_seconds(self.proc)
+
+    def actions_cpu_s(self) -> float:
+        """CPU seconds of the action worker (0 without ``--act-pool``)."""
+        return _tree_cpu_seconds(self.act_proc)
 
     def redis_cpu_s(self) -> float:
         """CPU seconds the Redis server (broker and state) has used so far, every thread."""
@@ -831,22 +846,31 @@ def _note(text: str) -> None:
 # ------------------------------------------------------------------ phases
 
 
-def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
+def _taken(h: Harness, n: int) -> Callable[[], int]:
     from workers.app import INTAKE_QUEUE
-
-    n = sizes.floor_msgs
 
     def taken() -> int:
         depths = h.queue_depths()
         return n - depths[INTAKE_QUEUE] - depths.get("unacked", 0)
 
-    _note(f"floor: {n:,} no-op tasks")
+    return taken
+
+
+def _noop_drain(h: Harness, n: int, name: str) -> Drain:
+    _note(f"{name}: {n:,} no-op tasks")
     h.fresh()
     h.publish_all("no-op", "bridge.noop", (None for _ in range(n)), n)
     h.start_workers()
-    h.start_profiler("floor")
-    drain = h.drain("floor", taken, n, timeout=max(60.0, n / 100))
+    h.start_profiler(name)
+    drain = h.drain(name, _taken(h, n), n, timeout=max(60.0, n / 100))
     h.stop_workers()
+    return drain
+
+
+def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
+    n = sizes.floor_msgs
+    taken = _taken(h, n)
+    drain = _noop_drain(h, n, "floor")
     out["floor_msgs"] = n
     out["floor_msgs_per_s"] = drain.rate
     out["floor_cpu_us_per_msg"] = drain.cpu_us_per_item
@@ -865,6 +889,24 @@ def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
     out["floor_rtt_msgs_per_s"] = drain.rate
     out["floor_rtt_cpu_us_per_msg"] = drain.cpu_us_per_item
     out["floor_rtt_redis_cpu_us_per_msg"] = drain.redis_cpu_us_per_item
+
+
+def phase_floor_again(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
+    """The no-op floor once more, right after the per-alert path.
+
+    The floor the ratios use is the mean of the drains before and after the storm, so a
+    machine whose speed drifts during the run moves both sides of the ratio alike; both
+    drains are reported.
+    """
+    drain = _noop_drain(h, sizes.floor_msgs, "floor_after")
+    for key, after in (
+        ("floor_msgs_per_s", drain.rate),
+        ("floor_cpu_us_per_msg", drain.cpu_us_per_item),
+        ("floor_redis_cpu_us_per_msg", drain.redis_cpu_us_per_item),
+    ):
+        before = out[key]
+        out[f"{key}_before"], out[f"{key}_after"] = before, after
+        out[key] = (before + after) / 2
 
 
 def _storm_messages(keys: int, repeats: int, tag: str) -> Iterator[dict[str, Any]]:
@@ -1052,21 +1094,25 @@ def _cpus() -> int:
 class _LatencyCpu:
     """CPU seconds of every process on the path of a new alert, read together."""
 
-    worker: float
+    intake: float
+    actions: float
     ingest: float
     redis: float
     simulator_and_load: float  # this process: the simulator's and the load generator's threads
 
     @classmethod
     def now(cls, h: Harness) -> _LatencyCpu:
-        return cls(h.worker_cpu_s(), h.ingest_cpu_s(), h.redis_cpu_s(), time.process_time())
+        return cls(
+            h.intake_cpu_s(),
+            h.actions_cpu_s(),
+            h.ingest_cpu_s(),
+            h.redis_cpu_s(),
+            time.process_time(),
+        )
 
     def minus(self, earlier: _LatencyCpu) -> _LatencyCpu:
         return _LatencyCpu(
-            self.worker - earlier.worker,
-            self.ingest - earlier.ingest,
-            self.redis - earlier.redis,
-            self.simulator_and_load - earlier.simulator_and_load,
+            *(now - then for now, then in zip(astuple(self), astuple(earlier), strict=True))
         )
 
     def parts(self) -> dict[str, float]:
@@ -1199,12 +1245,25 @@ def _verdict(ok: bool | None) -> str:
     return "" if ok is None else ("met" if ok else "MISSED")
 
 
+_CPU_PART = {"redis": "Redis", "simulator_and_load": "sim+load"}
+
+
 def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, value, target, verdict) for the table."""
     table: list[tuple[str, str, str, str]] = []
     floor = out.get("floor_msgs_per_s")
     if floor is not None:
         table.append(("floor: no-op task", _fmt(floor, "msgs/s"), "", ""))
+        if "floor_msgs_per_s_after" in out:
+            table.append(
+                (
+                    "  drained before / after the per-alert path",
+                    f"{_fmt(out['floor_msgs_per_s_before'])} / "
+                    f"{_fmt(out['floor_msgs_per_s_after'], 'msgs/s')}",
+                    "the floor is their mean",
+                    "",
+                )
+            )
     floor_rtt = out.get("floor_rtt_msgs_per_s")
     if floor_rtt is not None:
         out["floor_rtt_floor_ratio"] = floor_rtt / floor if floor else math.nan
@@ -1336,7 +1395,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if per:
             table.append(
                 (
-                    "  CPU per new alert: worker / ingest / Redis / sim+load",
+                    "  CPU per new alert: " + " / ".join(_CPU_PART.get(k, k) for k in per),
                     " / ".join(_fmt(v, digits=2) for v in per.values())
                     + f" = {_fmt(sum(per.values()), 'ms', 2)}",
                     f"{out['cpus']} CPUs: at most {_fmt(out['latency_cpu_bound_per_s'])}/s",
@@ -1484,6 +1543,8 @@ def main(argv: list[str]) -> int:
         for name in PHASES:
             if name in args.phases:
                 RUNNERS[name](harness, sizes, out)
+                if name == "per_alert" and "floor" in args.phases:
+                    phase_floor_again(harness, sizes, out)
     except BenchError as exc:
         print(f"bridge bench: {exc}", file=sys.stderr)
         return 1
