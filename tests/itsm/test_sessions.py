@@ -5,6 +5,7 @@ over them, and a ``.netrc`` entry never replaces the token."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import socket
 import ssl
 import threading
@@ -169,3 +170,28 @@ def test_no_proxy_sends_the_calls_to_the_itsm_directly(itsm_sim, redis_client, m
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_free_port()}")  # nothing listens
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert _creates(itsm_sim, redis_client)
+
+
+def _grant_in_child(client: Any, results: Any) -> None:
+    try:
+        auth = client._auth
+        auth.invalidate(auth.authorization())  # the next call needs a new token
+        results.put(client.get(client.create(DRAFT, "forked")).subject)
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+def test_a_forked_process_asks_for_its_token_through_the_same_proxy(
+    itsm_sim, redis_client, monkeypatch
+):
+    monkeypatch.setenv("HTTP_PROXY", itsm_sim.url)
+    client = _client(itsm_sim, redis_client, itsm_url="http://itsm.invalid")
+    client.create(DRAFT, "parent")
+    results = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(
+        target=_grant_in_child, args=(client, results)
+    )
+    child.start()
+    assert results.get(timeout=30) == DRAFT.subject
+    child.join(timeout=10)
+    assert itsm_sim.calls()["token_password"] == 2
