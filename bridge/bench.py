@@ -168,7 +168,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         metavar="DIR",
-        help="record the floor, per_alert and batched phases with py-spy (raw stacks) into DIR",
+        help="record every phase with py-spy (raw stacks of the intake and the action worker) "
+        "into DIR; the profiler's own CPU shows in the figures, so the run is marked profiled",
     )
     parser.add_argument(
         "--act-pool",
@@ -606,39 +607,42 @@ class Harness:
             raise BenchError("--profile needs py-spy (pip install py-spy)")
         out = Path(self.args.profile)
         out.mkdir(parents=True, exist_ok=True)
-        targets = [(self.proc, f"{name}.txt"), (self.act_proc, f"{name}.act.txt")]
-        self.profilers = [
-            subprocess.Popen(
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(proc.pid),
-                    "--subprocesses",
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "250",
-                    "--output",
-                    str(out / filename),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+        for proc, filename in ((self.proc, f"{name}.txt"), (self.act_proc, f"{name}.act.txt")):
+            if proc is None:
+                continue
+            # appended one by one: a failed start still leaves the earlier ones to stop
+            self.profilers.append(
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--subprocesses",
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "250",
+                        "--output",
+                        str(out / filename),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
-            for proc, filename in targets
-            if proc is not None
-        ]
 
     def stop_profiler(self) -> None:
         profilers, self.profilers = self.profilers, []
         for proc in profilers:
-            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
         for proc in profilers:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
 
     def close(self) -> None:
         self.stop_workers()
@@ -856,10 +860,17 @@ def _taken(h: Harness, n: int) -> Callable[[], int]:
     return taken
 
 
-def _noop_drain(h: Harness, n: int, name: str) -> Drain:
-    _note(f"{name}: {n:,} no-op tasks")
+def _noop_drain(h: Harness, n: int, name: str, round_trips: int) -> Drain:
+    """Drain ``n`` no-op tasks; with ``round_trips`` each carries a one-alert message and
+    makes that many PINGs on the state store's client."""
     h.fresh()
-    h.publish_all("no-op", "bridge.noop", (None for _ in range(n)), n)
+    if round_trips:
+        _note(f"{name}: {n:,} no-op tasks carrying one alert each, one Redis round trip")
+        bodies: Iterable[Any] = itertools.islice(_storm_messages(max(1, n // 100), 100, "f"), n)
+        h.publish_all("one-round-trip", "bridge.noop", bodies, n, (round_trips,))
+    else:
+        _note(f"{name}: {n:,} no-op tasks")
+        h.publish_all("no-op", "bridge.noop", (None for _ in range(n)), n)
     h.start_workers()
     h.start_profiler(name)
     drain = h.drain(name, _taken(h, n), n, timeout=max(60.0, n / 100))
@@ -867,46 +878,38 @@ def _noop_drain(h: Harness, n: int, name: str) -> Drain:
     return drain
 
 
-def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
-    n = sizes.floor_msgs
-    taken = _taken(h, n)
-    drain = _noop_drain(h, n, "floor")
-    out["floor_msgs"] = n
-    out["floor_msgs_per_s"] = drain.rate
-    out["floor_cpu_us_per_msg"] = drain.cpu_us_per_item
-    out["floor_redis_cpu_us_per_msg"] = drain.redis_cpu_us_per_item
+# The floors: the no-op task, then the same task with what no per-alert design can avoid
+# (the alert's message and one round trip to the state store).
+_FLOORS = (("floor", 0), ("floor_rtt", 1))
 
-    # The same no-op task with what no per-alert design can avoid: the alert's message
-    # and one round trip to the state store.
-    _note(f"floor + one Redis round trip: {n:,} no-op tasks carrying one alert each")
-    h.fresh()
-    bodies = itertools.islice(_storm_messages(max(1, n // 100), 100, "f"), n)
-    h.publish_all("one-round-trip", "bridge.noop", bodies, n, (1,))
-    h.start_workers()
-    h.start_profiler("floor_rtt")
-    drain = h.drain("floor + round trip", taken, n, timeout=max(60.0, n / 100))
-    h.stop_workers()
-    out["floor_rtt_msgs_per_s"] = drain.rate
-    out["floor_rtt_cpu_us_per_msg"] = drain.cpu_us_per_item
-    out["floor_rtt_redis_cpu_us_per_msg"] = drain.redis_cpu_us_per_item
+
+def _floor_figures(floor: str, drain: Drain) -> dict[str, float]:
+    return {
+        f"{floor}_msgs_per_s": drain.rate,
+        f"{floor}_cpu_us_per_msg": drain.cpu_us_per_item,
+        f"{floor}_redis_cpu_us_per_msg": drain.redis_cpu_us_per_item,
+    }
+
+
+def phase_floor(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
+    out["floor_msgs"] = sizes.floor_msgs
+    for floor, round_trips in _FLOORS:
+        out.update(_floor_figures(floor, _noop_drain(h, sizes.floor_msgs, floor, round_trips)))
 
 
 def phase_floor_again(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
-    """The no-op floor once more, right after the per-alert path.
+    """Both floors once more, right after the per-alert path.
 
-    The floor the ratios use is the mean of the drains before and after the storm, so a
-    machine whose speed drifts during the run moves both sides of the ratio alike; both
-    drains are reported.
+    The floors the ratios use are the means of the drains before and after the storm,
+    so a machine whose speed drifts during the run moves both sides of a ratio alike;
+    every drain is reported (``*_before``, ``*_after``).
     """
-    drain = _noop_drain(h, sizes.floor_msgs, "floor_after")
-    for key, after in (
-        ("floor_msgs_per_s", drain.rate),
-        ("floor_cpu_us_per_msg", drain.cpu_us_per_item),
-        ("floor_redis_cpu_us_per_msg", drain.redis_cpu_us_per_item),
-    ):
-        before = out[key]
-        out[f"{key}_before"], out[f"{key}_after"] = before, after
-        out[key] = (before + after) / 2
+    for floor, round_trips in _FLOORS:
+        drain = _noop_drain(h, sizes.floor_msgs, f"{floor}_after", round_trips)
+        for key, after in _floor_figures(floor, drain).items():
+            before = out[key]
+            out[f"{key}_before"], out[f"{key}_after"] = before, after
+            out[key] = (before + after) / 2
 
 
 def _storm_messages(keys: int, repeats: int, tag: str) -> Iterator[dict[str, Any]]:
@@ -1248,22 +1251,28 @@ def _verdict(ok: bool | None) -> str:
 _CPU_PART = {"redis": "Redis", "simulator_and_load": "sim+load"}
 
 
+def _drains(out: dict[str, Any], floor: str) -> list[tuple[str, str, str, str]]:
+    """The two drains of a floor bracketing the storm, when there were two."""
+    if f"{floor}_msgs_per_s_after" not in out:
+        return []
+    return [
+        (
+            "    drained before / after the per-alert path",
+            f"{_fmt(out[f'{floor}_msgs_per_s_before'])} / "
+            f"{_fmt(out[f'{floor}_msgs_per_s_after'], 'msgs/s')}",
+            "the figure above is their mean",
+            "",
+        )
+    ]
+
+
 def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, value, target, verdict) for the table."""
     table: list[tuple[str, str, str, str]] = []
     floor = out.get("floor_msgs_per_s")
     if floor is not None:
         table.append(("floor: no-op task", _fmt(floor, "msgs/s"), "", ""))
-        if "floor_msgs_per_s_after" in out:
-            table.append(
-                (
-                    "  drained before / after the per-alert path",
-                    f"{_fmt(out['floor_msgs_per_s_before'])} / "
-                    f"{_fmt(out['floor_msgs_per_s_after'], 'msgs/s')}",
-                    "the floor is their mean",
-                    "",
-                )
-            )
+        table += _drains(out, "floor")
     floor_rtt = out.get("floor_rtt_msgs_per_s")
     if floor_rtt is not None:
         out["floor_rtt_floor_ratio"] = floor_rtt / floor if floor else math.nan
@@ -1275,6 +1284,7 @@ def rows(out: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+        table += _drains(out, "floor_rtt")
     if "per_alert_alerts_per_s" in out:
         rate = out["per_alert_alerts_per_s"]
         ratio = rate / floor if floor else math.nan
@@ -1496,6 +1506,7 @@ def render(out: dict[str, Any]) -> str:
         f"ITSM {out['itsm_flavor']} at {out['itsm_latency_ms']:g} ms, "
         f"{'quick' if out['quick'] else 'full'} sizes{_scaled(out)}, commit {out['git_commit']}"
         f"{' (modified)' if out['git_dirty'] else ''}, {out['cpus']} CPUs"
+        f"{', PROFILED (py-spy attached)' if out.get('profiled') else ''}"
     )
     table = rows(out)
     widths = [max(len(r[i]) for r in [("figure", "value", "target", ""), *table]) for i in range(4)]
@@ -1532,6 +1543,7 @@ def main(argv: list[str]) -> int:
         "git_dirty": _git_dirty(),
         "cpus": _cpus(),
         "python": sys.version.split()[0],
+        "profiled": bool(args.profile),
     }
     started = time.perf_counter()
     try:

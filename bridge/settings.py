@@ -191,8 +191,9 @@ class Settings(BaseModel):
     itsm_ca_bundle: str = Field(
         default="",
         description=(
-            "Path of a PEM bundle for a private CA. Unset, `REQUESTS_CA_BUNDLE` or "
-            "`CURL_CA_BUNDLE` apply when set; this setting and `verify_tls = false` win over them."
+            "Path of a PEM bundle for a private CA; set, it verifies the ITSM's certificate "
+            "even with `verify_tls = false`. Unset, with `verify_tls` true, `REQUESTS_CA_BUNDLE` "
+            "or `CURL_CA_BUNDLE` apply when set."
         ),
     )
     itsm_check_incident_id: int = Field(

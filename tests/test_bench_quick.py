@@ -38,7 +38,7 @@ KEYS = (
 )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_bench_quick_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     require_service(REDIS_URL, 6379, "Redis")
     from bridge.bench import main
@@ -80,3 +80,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     assert data["latency_p99_ms"] >= data["latency_p50_ms"] > 0
     assert 0 < data["redis_bytes_per_key"] < 10_000
     assert "per-alert path" in printed.out
+    # each floor is drained on both sides of the storm, and the ratios use the mean
+    for floor in ("floor", "floor_rtt"):
+        before, after = data[f"{floor}_msgs_per_s_before"], data[f"{floor}_msgs_per_s_after"]
+        assert data[f"{floor}_msgs_per_s"] == pytest.approx((before + after) / 2)

@@ -77,6 +77,8 @@ class TlsFront:
 
         threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
         pump(tls, upstream)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)  # the client is gone: let the server close
         done.wait(timeout=10)
         for sock in (tls, upstream):
             with contextlib.suppress(OSError):
@@ -192,6 +194,10 @@ def test_a_forked_process_asks_for_its_token_through_the_same_proxy(
         target=_grant_in_child, args=(client, results)
     )
     child.start()
-    assert results.get(timeout=30) == DRAFT.subject
-    child.join(timeout=10)
+    try:
+        assert results.get(timeout=30) == DRAFT.subject
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
     assert itsm_sim.calls()["token_password"] == 2
