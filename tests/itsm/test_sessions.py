@@ -39,14 +39,32 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.lower(), raising=False)
 
 
-class TlsFront:
-    """TLS in front of the simulator, as a load balancer with a private CA's certificate."""
+def _splice(client: socket.socket, upstream: socket.socket) -> None:
+    """Copy bytes both ways until the client is done, then close both."""
+    done = threading.Event()
 
-    def __init__(self, upstream_port: int, context: ssl.SSLContext) -> None:
-        self._upstream_port = upstream_port
-        self._context = context
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        done.set()
+
+    threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+    pump(client, upstream)
+    with contextlib.suppress(OSError):
+        upstream.shutdown(socket.SHUT_WR)  # the client is gone: let the server close
+    done.wait(timeout=10)
+    for sock in (client, upstream):
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+class Listener:
+    """A local TCP server handing every connection to ``handle`` in its own thread."""
+
+    def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"https://localhost:{self._listener.getsockname()[1]}"
+        self.port = int(self._listener.getsockname()[1])
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -58,31 +76,56 @@ class TlsFront:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
-    def _relay(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class TlsFront(Listener):
+    """TLS in front of the simulator, as a load balancer with a private CA's certificate."""
+
+    def __init__(self, upstream_port: int, context: ssl.SSLContext) -> None:
+        self._upstream_port = upstream_port
+        self._context = context
+        super().__init__()
+        self.url = f"https://localhost:{self.port}"
+
+    def handle(self, conn: socket.socket) -> None:
         try:
             tls = self._context.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError):
             conn.close()  # the client did not trust the certificate
             return
-        upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
-        done = threading.Event()
+        _splice(tls, socket.create_connection(("127.0.0.1", self._upstream_port)))
 
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            done.set()
 
-        threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
-        pump(tls, upstream)
-        with contextlib.suppress(OSError):
-            upstream.shutdown(socket.SHUT_WR)  # the client is gone: let the server close
-        done.wait(timeout=10)
-        for sock in (tls, upstream):
-            with contextlib.suppress(OSError):
-                sock.close()
+class ConnectProxy(Listener):
+    """An HTTPS proxy: it opens a tunnel for every CONNECT and records its target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tunnels: list[str] = []
+
+    def handle(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            request += chunk
+        method, target, _ = request.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        if method != "CONNECT":
+            conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+            return
+        self.tunnels.append(target)
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        _splice(conn, upstream)
 
 
 @pytest.fixture
@@ -101,6 +144,13 @@ def tls_front(itsm_sim: Any, private_ca: tuple[trustme.CA, Path]) -> Iterator[Tl
     front = TlsFront(itsm_sim.port, context)
     yield front
     front.close()
+
+
+@pytest.fixture
+def connect_proxy() -> Iterator[ConnectProxy]:
+    proxy = ConnectProxy()
+    yield proxy
+    proxy.close()
 
 
 def _client(sim: Any, redis_client: Any, **overrides: Any) -> Any:
@@ -148,11 +198,12 @@ def test_verification_switched_off_stays_off_when_REQUESTS_CA_BUNDLE_is_set(
     assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url, itsm_verify_tls=False)
 
 
-def test_REQUESTS_CA_BUNDLE_applies_when_no_bundle_is_configured(
-    itsm_sim, redis_client, tls_front, private_ca, monkeypatch
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_a_ca_bundle_from_the_environment_applies_when_none_is_configured(
+    itsm_sim, redis_client, tls_front, private_ca, monkeypatch, variable
 ):
     _, bundle = private_ca
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.setenv(variable, str(bundle))
     assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url)
 
 
@@ -161,11 +212,23 @@ def test_a_certificate_from_an_unknown_ca_is_refused(itsm_sim, redis_client, tls
         _creates(itsm_sim, redis_client, itsm_url=tls_front.url)
 
 
-def test_the_proxy_named_in_the_environment_carries_the_calls(itsm_sim, redis_client, monkeypatch):
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+def test_the_proxy_named_in_the_environment_carries_the_calls(
+    itsm_sim, redis_client, monkeypatch, variable
+):
     # The simulator answers requests sent to it as a proxy: the ITSM's own name is
     # never resolved, so only a call through the proxy can reach it.
-    monkeypatch.setenv("HTTP_PROXY", itsm_sim.url)
+    monkeypatch.setenv(variable, itsm_sim.url)
     assert _creates(itsm_sim, redis_client, itsm_url="http://itsm.invalid")
+
+
+def test_an_https_itsm_is_reached_through_the_https_proxy_named_in_the_environment(
+    itsm_sim, redis_client, tls_front, private_ca, connect_proxy, monkeypatch
+):
+    monkeypatch.setenv("HTTPS_PROXY", connect_proxy.url)
+    _, bundle = private_ca
+    assert _creates(itsm_sim, redis_client, itsm_url=tls_front.url, itsm_ca_bundle=str(bundle))
+    assert set(connect_proxy.tunnels) == {tls_front.url.removeprefix("https://")}
 
 
 def test_no_proxy_sends_the_calls_to_the_itsm_directly(itsm_sim, redis_client, monkeypatch):
