@@ -19,6 +19,7 @@ import trustme
 
 from bridge.itsm.client import build_client
 from bridge.itsm.errors import ItsmError
+from bridge.itsm.sessions import fresh_copy, new_session
 from tests.itsm.test_client import DRAFT, settings_for
 
 ENVIRONMENT = (
@@ -264,3 +265,19 @@ def test_a_forked_process_asks_for_its_token_through_the_same_proxy(
         if child.is_alive():
             child.kill()
     assert itsm_sim.calls()["token_password"] == 2
+
+
+def test_a_fresh_copy_keeps_every_setting_on_new_connections(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    original = new_session("https://itsm.example", "/etc/itsm/private-ca.pem", pool_size=7)
+    copy = fresh_copy(original)
+    assert copy is not original
+    assert copy.get_adapter("https://itsm.example") is not original.get_adapter(
+        "https://itsm.example"
+    )
+    assert (copy.verify, copy.proxies.get("https"), copy.trust_env) == (
+        "/etc/itsm/private-ca.pem",
+        "http://proxy.example:3128",
+        False,
+    )
+    assert copy.get_adapter("https://itsm.example")._pool_maxsize == 7
