@@ -268,15 +268,18 @@ class RabbitNode:
         self.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"
 
+    def _per_queue(self, vhost: str, column: str) -> dict[str, int]:
+        out = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", column)
+        table = (line.split() for line in out.splitlines())
+        return {p[0]: int(p[1]) for p in table if len(p) == 2 and p[1].isdigit()}
+
+    def consumers(self, vhost: str, queue: str) -> int:
+        """Consumers of one queue of the vhost; 0 while the queue does not exist yet."""
+        return self._per_queue(vhost, "consumers").get(queue, 0)
+
     def queued(self, vhost: str) -> int:
         """Messages ready or unacked in every queue of the vhost."""
-        out = self.ctl("list_queues", "-p", vhost, "--no-table-headers", "name", "messages")
-        total = 0
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                total += int(parts[1])
-        return total
+        return sum(self._per_queue(vhost, "messages").values())
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from kombu import Connection, Exchange, Producer
 
 from bridge.pipeline import envelope
 from tests.chaos.conftest import FIGURES, ChaosStack, am_alert, am_payload, wait_for
+from workers.raw import RAW_QUEUE
 
 HUGE = 3 * 1024 * 1024
 
@@ -96,6 +97,9 @@ def test_poison_on_the_raw_amqp_path_is_dead_lettered(
         broker_url=url, redis_url=state.url(), sim=sim, broker_queued=lambda: node.queued(vhost)
     )
     stack.start()
+    # A worker declares and binds the raw queue once its consumer connects, after its
+    # pool is up; until then RabbitMQ drops what reaches the exchange unroutable.
+    wait_for(lambda: node.consumers(vhost, RAW_QUEUE) > 0, timeout=60, what="the raw consumer")
     mains = [w.proc.pid for w in stack.workers if w.proc]
     good = json.dumps(am_payload([am_alert("raw00001")])).encode()
     poison: list[tuple[bytes, dict[str, str]]] = [
