@@ -145,3 +145,25 @@ def test_every_alert_decided_at_intake_has_a_line_with_its_key(run):
         if line.get("key") == key and line.get("decision") in {"count_only", "wait_for_creator"}
     ]
     assert intake
+
+
+def test_a_line_below_the_level_is_dropped_before_redaction(monkeypatch):
+    from bridge import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    scrubbed: list[str] = []
+    monkeypatch.setattr(logs.redactor, "scrub", lambda text: scrubbed.append(text) or text)
+    configure_logging("WARNING", "json", (), stream=stream)
+    try:
+        log = structlog.get_logger("bridge.test")
+        log.info("below the level", detail="not scrubbed")
+        log.warning("at the level", detail="scrubbed")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["at the level"]
+    assert "not scrubbed" not in scrubbed and "scrubbed" in scrubbed
