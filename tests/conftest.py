@@ -1,8 +1,9 @@
 """Shared fixtures: real services in CI (a missing one fails), skips with a reason elsewhere.
 
-Redis tests use database 13 on ``BRIDGE_TEST_REDIS_URL`` (default
+Redis tests use database 13 on ``ITSM_BRIDGE_TEST_REDIS_URL`` (default
 redis://127.0.0.1:6379/13) and flush it before and after each test. RabbitMQ tests
-use the vhost ``bridge-test`` on ``BRIDGE_TEST_AMQP_URL``.
+use the vhost ``bridge-test`` on ``ITSM_BRIDGE_TEST_AMQP_URL``. (Not ``BRIDGE_*``: the
+bridge refuses an environment variable of its own prefix that names no setting.)
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from urllib.parse import urlparse
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-REDIS_URL = os.environ.get("BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-AMQP_URL = os.environ.get("BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/bridge-test")
+REDIS_URL = os.environ.get("ITSM_BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+AMQP_URL = os.environ.get(
+    "ITSM_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/bridge-test"
+)
 
 # Credentials the simulator accepts; distinctive so leak scans can look for them.
 SIM_CLIENT_ID = "bridge-client"
@@ -65,6 +68,18 @@ def redis_client(redis_url: str):
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[str]:
+    """The URL of a redis-server of this test's own, for what must not touch the shared
+    one (a flushed script cache is flushed for every client of the server)."""
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path, "redis")
+    server.start()
+    yield server.url()
+    server.kill()
 
 
 @pytest.fixture

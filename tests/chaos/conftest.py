@@ -41,6 +41,7 @@ from bridge.itsm.simulator import Simulator
 from bridge.pipeline import envelope
 from bridge.settings import load_settings
 from tests.conftest import IN_CI, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
+from tests.servers import RedisServer, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
@@ -61,95 +62,6 @@ FIGURES: dict[str, Any] = {
     "secrets_leaked": 0,
     "poison_dead_lettered": 0,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
-
-
-# ------------------------------------------------------------------ private Redis
-
-
-class RedisServer:
-    """A redis-server of our own: AOF with fsync on every write, so a SIGKILL loses nothing
-    that was acknowledged (the broker's contract for an accepted alert)."""
-
-    def __init__(self, workdir: Path, name: str, password: str = "") -> None:
-        self.password = password
-        self.port = free_port()
-        self.dir = workdir / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction",
-                "--dir", str(self.dir),
-                "--logfile", str(self.dir / "redis.log"),
-                *(["--requirepass", self.password] if self.password else []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        client = redis_lib.Redis(
-            port=self.port, password=self.password or None, socket_connect_timeout=0.5
-        )
-        try:
-            wait_for(lambda: _ping(client), timeout=15, interval=0.05, what="redis-server")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save; only what AOF already holds survives."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def restart(self, down_s: float = 0.0) -> None:
-        self.kill()
-        time.sleep(down_s)
-        self.start()
-
-    def client(self, db: int = 0) -> redis_lib.Redis:
-        return redis_lib.Redis(
-            port=self.port, db=db, password=self.password or None, socket_timeout=5
-        )
-
-
-def _ping(client: redis_lib.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis_lib.RedisError:
-        return False
 
 
 @pytest.fixture

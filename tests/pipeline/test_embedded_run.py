@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from tests.pipeline.stack import wait_for
+from tests.servers import wait_for
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "samples" / "alertmanager-firing.json"
 

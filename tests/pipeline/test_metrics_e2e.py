@@ -9,8 +9,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.ingest import start_ingest
-from tests.pipeline.stack import BridgeStack, am_alert, am_payload, wait_for
+from tests.pipeline.stack import BridgeStack, am_alert, am_payload
 from tests.pipeline.test_pipeline_e2e import BROKER_REDIS_URL
+from tests.servers import wait_for
 
 TOKEN = "metrics-e2e-token-0b7e"
 

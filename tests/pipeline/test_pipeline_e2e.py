@@ -14,7 +14,8 @@ import pytest
 import redis as redis_lib
 
 from tests.conftest import AMQP_URL, REDIS_URL, require_service
-from tests.pipeline.stack import ROOT, BridgeStack, am_alert, am_payload, wait_for
+from tests.pipeline.stack import ROOT, BridgeStack, am_alert, am_payload
+from tests.servers import wait_for
 
 BROKER_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/11"
 

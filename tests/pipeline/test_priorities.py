@@ -8,9 +8,10 @@ import redis as redis_lib
 
 from bridge.pipeline import Action, envelope
 from bridge.runtime import Runtime
-from tests.pipeline.stack import BridgeStack, wait_for
+from tests.pipeline.stack import BridgeStack
 from tests.pipeline.test_pipeline import InlineSink
 from tests.pipeline.test_pipeline_e2e import BROKER_REDIS_URL
+from tests.servers import wait_for
 
 KEYS = 100
 UPDATES_PER_KEY = 5
