@@ -1,7 +1,7 @@
 """``bridge bench`` runs a tiny configuration end to end on real Redis and writes its JSON.
 
 Uses Redis databases 7 (broker) and 8 (state) with the prefix ``bench`` by default
-(``BRIDGE_BENCH_TEST_REDIS_DBS=7,8`` to change), never the suites' 11-13, and never
+(``ITSM_BRIDGE_BENCH_TEST_REDIS_DBS=7,8`` to change), never the suites' 11-13, and never
 the benchmark's own 5 and 6, so a benchmark running meanwhile is not disturbed.
 """
 
@@ -43,7 +43,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     require_service(REDIS_URL, 6379, "Redis")
     from bridge.bench import main
 
-    broker_db, state_db = os.environ.get("BRIDGE_BENCH_TEST_REDIS_DBS", "7,8").split(",")
+    broker_db, state_db = os.environ.get("ITSM_BRIDGE_BENCH_TEST_REDIS_DBS", "7,8").split(",")
     server = urlunparse(urlparse(REDIS_URL)._replace(path=""))
     out = tmp_path / "bench.json"
     code = main(
