@@ -17,6 +17,15 @@ from urllib.parse import urlparse
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+# The earlier names: set, they were a URL the tests meant to use instead of the default
+# (whose database 13 they flush); now they would be ignored, so stop and say so.
+_RENAMED = ("BRIDGE_TEST_REDIS_URL", "BRIDGE_TEST_AMQP_URL", "BRIDGE_BENCH_TEST_REDIS_DBS",
+            "BRIDGE_SOAK_TEST_REDIS_DBS")  # fmt: skip
+for _old in _RENAMED:
+    if _old in os.environ:
+        raise pytest.UsageError(
+            f"{_old} is now ITSM_{_old}: the bridge refuses unknown BRIDGE_* variables"
+        )
 REDIS_URL = os.environ.get("ITSM_BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 AMQP_URL = os.environ.get(
     "ITSM_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/bridge-test"
@@ -74,12 +83,10 @@ def redis_client(redis_url: str):
 def private_redis(tmp_path) -> Iterator[str]:
     """The URL of a redis-server of this test's own, for what must not touch the shared
     one (a flushed script cache is flushed for every client of the server)."""
-    from tests.servers import RedisServer
+    from tests.servers import redis_servers_running
 
-    server = RedisServer(tmp_path, "redis")
-    server.start()
-    yield server.url()
-    server.kill()
+    with redis_servers_running(tmp_path, "redis") as (server,):
+        yield server.url()
 
 
 @pytest.fixture

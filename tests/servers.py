@@ -9,8 +9,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def free_port() -> int:
 def wait_for(
     condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = ""
 ) -> Any:
+    """Poll until condition() is truthy; fail with ``what`` after timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -52,6 +54,10 @@ class RedisServer:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        # a restart from a test's background thread may race the fixture's final kill:
+        # every process ever started is killed there, not only the current one
+        self._started: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -59,44 +65,59 @@ class RedisServer:
 
     def start(self) -> None:
         if shutil.which("redis-server") is None:
-            problem = (
-                "redis-server is not installed (tests that restart or flush Redis start their own)"
-            )
+            problem = "redis-server is not installed (tests that restart or flush Redis need one)"
             if IN_CI:
                 pytest.fail(problem)
             pytest.skip(problem)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--maxmemory-policy", "noeviction",
-                "--dir", str(self.dir),
-                "--logfile", str(self.dir / "redis.log"),
-                *(["--requirepass", self.password] if self.password else []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        with self._lock:
+            proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "yes",
+                    "--appendfsync", "always",
+                    "--maxmemory-policy", "noeviction",
+                    "--dir", str(self.dir),
+                    "--logfile", str(self.dir / "redis.log"),
+                    *(["--requirepass", self.password] if self.password else []),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            self.proc = proc
+            self._started.append(proc)
         client = redis_lib.Redis(
             port=self.port, password=self.password or None, socket_connect_timeout=0.5
         )
         try:
-            wait_for(lambda: _ping(client), timeout=15, interval=0.05, what="redis-server")
+            wait_for(lambda: self._answers(proc, client), timeout=15, interval=0.05,
+                     what="redis-server")  # fmt: skip
+        except BaseException:
+            self.kill()
+            raise
         finally:
             client.close()
 
+    def _answers(self, proc: subprocess.Popen[bytes], client: redis_lib.Redis) -> bool:
+        # an exit (the port taken meanwhile, a bad option) fails at once, with the reason;
+        # a ping alone could reach another server that took the port
+        if proc.poll() is not None:
+            log = self.dir / "redis.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise AssertionError(f"redis-server exited with {proc.returncode}: {tail}")
+        return _ping(client)
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final save; only what AOF already holds survives."""
-        if self.proc is not None:
+        with self._lock:
+            procs, self._started, self.proc = self._started, [], None
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
 
     def restart(self, down_s: float = 0.0) -> None:
         self.kill()
@@ -114,3 +135,18 @@ def _ping(client: redis_lib.Redis) -> bool:
         return bool(client.ping())
     except redis_lib.RedisError:
         return False
+
+
+@contextlib.contextmanager
+def redis_servers_running(
+    workdir: Path, *names: str, password: str = ""
+) -> Iterator[list[RedisServer]]:
+    """Started servers, each killed at the end whatever happens to the others."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for name in names:
+            server = RedisServer(workdir, name, password=password)
+            stack.callback(server.kill)
+            server.start()
+            servers.append(server)
+        yield servers

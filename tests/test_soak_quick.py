@@ -3,7 +3,7 @@
 Not a timing test: it checks that the report has every figure, that every process was
 sampled at start and end, and that the accounting holds (every alert accepted by the
 ingest was decided, no dead letter). Uses Redis databases 9 (broker) and 10 (state) by
-default (``BRIDGE_SOAK_TEST_REDIS_DBS=9,10`` to change), never the suites' 11-13; both
+default (``ITSM_BRIDGE_SOAK_TEST_REDIS_DBS=9,10`` to change), never the suites' 11-13; both
 are flushed before and after.
 """
 
@@ -40,7 +40,7 @@ def test_soak_quick_accounts_for_every_alert(
     require_service(REDIS_URL, 6379, "Redis")
     from bench.soak import main
 
-    broker_db, state_db = os.environ.get("BRIDGE_SOAK_TEST_REDIS_DBS", "9,10").split(",")
+    broker_db, state_db = os.environ.get("ITSM_BRIDGE_SOAK_TEST_REDIS_DBS", "9,10").split(",")
     server = urlunparse(urlparse(REDIS_URL)._replace(path=""))
     out = tmp_path / "soak.json"
     code = main(

@@ -41,7 +41,7 @@ from bridge.itsm.simulator import Simulator
 from bridge.pipeline import envelope
 from bridge.settings import load_settings
 from tests.conftest import IN_CI, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USERNAME
-from tests.servers import RedisServer, free_port, wait_for
+from tests.servers import RedisServer, free_port, redis_servers_running, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
@@ -75,12 +75,8 @@ def chaos_dir() -> Iterator[Path]:
 @pytest.fixture
 def redis_servers(chaos_dir: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
     """(broker, state): two private Redis servers, killed at the end."""
-    broker, state = RedisServer(chaos_dir, "broker"), RedisServer(chaos_dir, "state")
-    broker.start()
-    state.start()
-    yield broker, state
-    broker.kill()
-    state.kill()
+    with redis_servers_running(chaos_dir, "broker", "state") as (broker, state):
+        yield broker, state
 
 
 # ------------------------------------------------------------------ private RabbitMQ
@@ -772,11 +768,9 @@ __all__ = [
     "Accounting",
     "ChaosStack",
     "RabbitNode",
-    "RedisServer",
     "am_alert",
     "am_payload",
     "assert_exactly_one_incident_per_key",
     "record",
     "storm",
-    "wait_for",
 ]

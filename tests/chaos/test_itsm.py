@@ -17,8 +17,8 @@ from tests.chaos.conftest import (
     assert_exactly_one_incident_per_key,
     record,
     storm,
-    wait_for,
 )
+from tests.servers import wait_for
 
 
 class _Unavailable:

@@ -10,8 +10,9 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from bridge.pipeline import envelope
-from tests.chaos.conftest import FIGURES, ChaosStack, am_alert, am_payload, wait_for
-from workers.raw import RAW_QUEUE
+from tests.chaos.conftest import FIGURES, ChaosStack, am_alert, am_payload
+from tests.servers import wait_for
+from workers.raw import RAW_EXCHANGE, RAW_QUEUE, RAW_ROUTING_KEY
 
 HUGE = 3 * 1024 * 1024
 
@@ -99,7 +100,9 @@ def test_poison_on_the_raw_amqp_path_is_dead_lettered(
     stack.start()
     # A worker declares and binds the raw queue once its consumer connects, after its
     # pool is up; until then RabbitMQ drops what reaches the exchange unroutable.
-    wait_for(lambda: node.consumers(vhost, RAW_QUEUE) > 0, timeout=60, what="the raw consumer")
+    # (each look is a rabbitmqctl run: about a second of CPU)
+    wait_for(lambda: node.consumers(vhost, RAW_QUEUE) > 0, timeout=60, interval=1,
+             what="the raw consumer")  # fmt: skip
     mains = [w.proc.pid for w in stack.workers if w.proc]
     good = json.dumps(am_payload([am_alert("raw00001")])).encode()
     poison: list[tuple[bytes, dict[str, str]]] = [
@@ -112,12 +115,12 @@ def test_poison_on_the_raw_amqp_path_is_dead_lettered(
     ]
     with Connection(url, connect_timeout=5) as conn:
         producer = Producer(conn.channel())
-        exchange = Exchange("bridge.alerts", type="direct", durable=True)
+        exchange = Exchange(RAW_EXCHANGE, type="direct", durable=True)
         for body, headers in [*poison, (good, {"x-alert-format": "alertmanager"})]:
             producer.publish(
                 body,
                 exchange=exchange,
-                routing_key="alerts.raw",
+                routing_key=RAW_ROUTING_KEY,
                 headers=headers,
                 content_type="application/json",
                 content_encoding="binary",

@@ -8,16 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.chaos.conftest import (
-    FIGURES,
-    RedisServer,
-    am_alert,
-    am_payload,
-    free_port,
-    record,
-    storm,
-    wait_for,
-)
+from tests.chaos.conftest import FIGURES, am_alert, am_payload, record, storm
+from tests.servers import free_port, redis_servers_running, wait_for
 
 CLIENT_SECRET = "chaosCLIENTsecret-3f9d2a71"
 PASSWORD = "chaosPASSWORD-8b1e4c06"
@@ -29,13 +21,11 @@ SECRETS = (CLIENT_SECRET, PASSWORD, ROTATED, INGEST_TOKEN, REDIS_PASSWORD)
 
 @pytest.fixture
 def locked_redis(chaos_dir):
-    broker = RedisServer(chaos_dir, "broker-auth", password=REDIS_PASSWORD)
-    state = RedisServer(chaos_dir, "state-auth", password=REDIS_PASSWORD)
-    broker.start()
-    state.start()
-    yield broker, state
-    broker.kill()
-    state.kill()
+    with redis_servers_running(chaos_dir, "broker-auth", "state-auth", password=REDIS_PASSWORD) as (
+        broker,
+        state,
+    ):
+        yield broker, state
 
 
 def _hits(text: str, secrets: tuple[str, ...]) -> list[str]:

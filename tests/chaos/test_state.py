@@ -15,8 +15,8 @@ from tests.chaos.conftest import (
     assert_exactly_one_incident_per_key,
     record,
     storm,
-    wait_for,
 )
+from tests.servers import wait_for
 
 
 def _publish_all(stack: ChaosStack, payloads: list, events: dict[int, object]) -> None:

@@ -1,7 +1,8 @@
 """Logs of a full inline run: every decision line carries the alert's key, no secret leaks.
 
 The run goes through a storm (one incident, repeats folded), a recovery, an ITSM
-outage long enough to dead-letter a create, an invalid payload, and a replay.
+outage long enough to dead-letter a create, an invalid payload, and a replay. The last
+test is of the logging setup alone: a line below the level is dropped before any work.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def test_lower_severity_does_not_force_an_update(store):
 
 def test_resolution_of_an_open_incident_resolves(store):
     open_incident(store)
-    assert decide(store, alert(key="k2")) == Decision.CREATE
+    assert decide(store, alert(Status.RESOLVED)) == Decision.RESOLVE
 
 
 def test_repeated_resolution_is_ignored(store):

@@ -171,15 +171,18 @@ def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_
 
 
 def test_a_worker_whose_redis_lost_the_fetch_script_loads_it_again(private_redis, queue_name):
-    # a server of the test's own holds no script, as after a restart: the fetch by digest
-    # finds none (flushing the shared server's scripts would do that to every client)
-    redis_url = private_redis
-    redis_client = redis_lib.Redis.from_url(redis_url)
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, queue_name], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    # a server of the test's own: flushing the shared server's scripts would flush them
+    # for every client of it
+    redis_client = redis_lib.Redis.from_url(private_redis)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, private_redis, queue_name],
+                              cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _publish_task(redis_url, queue_name, f"{queue_name}.done")
-        assert redis_client.blpop([f"{queue_name}.done"], timeout=30) is not None
+        _publish_task(private_redis, queue_name, f"{queue_name}.first")
+        assert redis_client.blpop([f"{queue_name}.first"], timeout=30) is not None
+        redis_client.script_flush()  # as after a restart: the fetch by digest finds none
+        _publish_task(private_redis, queue_name, f"{queue_name}.second")
+        assert redis_client.blpop([f"{queue_name}.second"], timeout=30) is not None
     finally:
         worker.terminate()
         worker.wait(timeout=30)
