@@ -26,6 +26,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from workers import wire_json
@@ -90,6 +91,19 @@ class Channel(kombu_redis.Channel):
         self._fetch_keys: list[str] = []
         self._wake_from: str | None = None
         super().__init__(*args, **kwargs)
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            # When the broker goes away, Celery closes the connection and kombu, while
+            # closing this channel, asks it for a new pool (to restore its unacked
+            # messages, or for an ack still queued on the event loop) after the
+            # connection has let go of its URL. kombu then fails with AttributeError
+            # ('NoneType' object has no attribute 'hostname'), which ends the worker as
+            # an unrecoverable error. A connection error is what those callers expect
+            # and ignore; the unacked messages come back with the visibility timeout.
+            raise RedisConnectionError("the broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

@@ -53,10 +53,9 @@ def test_redis_broker_killed_and_restarted_mid_storm(redis_servers, sim_factory,
     assert not acc.duplicates, acc.duplicates
     replayed = stack.replay_all()
     acc = assert_exactly_one_incident_per_key(stack)
-    # kombu 5.7's Redis transport may end a worker with "Unrecoverable error:
-    # AttributeError: 'NoneType' object has no attribute 'hostname'" while it reconnects;
-    # the supervisor restarts it (as systemd/Kubernetes would) and nothing is lost.
-    assert all("hostname" in tail for _, tail in stack.crashes), stack.crashes
+    # no worker exit either: kombu's "'NoneType' object has no attribute 'hostname'" on
+    # reconnect ended one now and then until the transport raised a connection error there
+    assert not stack.crashes, stack.crashes
     record(acc, stack, broker_restarts=restarts, dead_letters_replayed=replayed)
 
 

@@ -121,6 +121,22 @@ def test_a_channel_whose_pool_was_replaced_gets_a_client_on_the_new_pool(redis_u
             assert after.ping()
 
 
+def test_closing_a_channel_left_over_from_a_closed_connection_is_not_a_crash(redis_url):
+    # After the broker went away, Celery closes a connection whose default channel
+    # belongs to a transport that already let go of its URL; closing that channel
+    # restores its unacked messages through a new pool. kombu's own channel raised
+    # AttributeError there ('NoneType' object has no attribute 'hostname'), which ended
+    # the worker; a connection error is what kombu's close ignores.
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        channel._disconnect_pools()
+        channel.connection.client = None  # what Connection._close leaves on the transport
+        with pytest.raises(redis_lib.exceptions.ConnectionError):
+            channel.qos.restore_unacked()
+        conn.maybe_close_channel(channel)  # ignores connection errors only
+        assert channel.closed
+
+
 WORKER = """
 import sys
 from celery import Celery
