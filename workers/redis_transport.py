@@ -95,13 +95,14 @@ class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> Any:
         transport = self.connection
         if transport is None or transport.client is None:
-            # When the broker goes away, Celery closes the connection and kombu, while
-            # closing this channel, asks it for a new pool (to restore its unacked
-            # messages, or for an ack still queued on the event loop) after the
-            # connection has let go of its URL. kombu then fails with AttributeError
+            # When the broker goes away, Celery collects and then closes the
+            # connection; closing a channel left open asks it for a new pool (to restore
+            # its unacked messages, or for an ack still queued on the event loop) after
+            # the connection has let go of its URL. kombu then fails with AttributeError
             # ('NoneType' object has no attribute 'hostname'), which ends the worker as
-            # an unrecoverable error. A connection error is what those callers expect
-            # and ignore; the unacked messages come back with the visibility timeout.
+            # an unrecoverable error. A connection error is what those callers ignore
+            # (or log, for an ack); the messages stay in unacked for the visibility-
+            # timeout sweep, and a task whose ack was refused runs again then.
             raise RedisConnectionError("the broker connection is closed")
         return super()._connparams(asynchronous=asynchronous)
 
