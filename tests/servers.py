@@ -53,7 +53,6 @@ class RedisServer:
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
         # a restart from a test's background thread may race the fixture's final kill:
         # every process ever started is killed there, not only the current one
         self._started: list[subprocess.Popen[bytes]] = []
@@ -87,7 +86,6 @@ class RedisServer:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
-            self.proc = proc
             self._started.append(proc)
         client = redis_lib.Redis(
             port=self.port, password=self.password or None, socket_connect_timeout=0.5
@@ -113,7 +111,7 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final save; only what AOF already holds survives."""
         with self._lock:
-            procs, self._started, self.proc = self._started, [], None
+            procs, self._started = self._started, []
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGKILL)
