@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -174,6 +174,7 @@ class _Request:
     content_type: str
     body: bytes
     args: tuple[str, ...] = ()
+    accept: str = ""
 
 
 @dataclass(slots=True)
@@ -770,6 +771,7 @@ class Simulator:
             authorization=environ.get("HTTP_AUTHORIZATION", ""),
             content_type=environ.get("CONTENT_TYPE", ""),
             body=_read_body(environ),
+            accept=environ.get("HTTP_ACCEPT", ""),
         )
         if path == "/_sim" or path.startswith("/_sim/"):
             reply = self._admin(request)
@@ -819,6 +821,7 @@ class Simulator:
                     "method": request.method,
                     "path": request.path,
                     "status": reply.status,
+                    "accept": request.accept,
                 }
             )
         return reply
@@ -835,15 +838,7 @@ class Simulator:
             if method not in methods:
                 return ("unknown", _method_not_allowed, request)
             op, name = methods[method]
-            bound = _Request(
-                request.method,
-                request.path,
-                request.query,
-                request.authorization,
-                request.content_type,
-                request.body,
-                match.groups(),
-            )
+            bound = replace(request, args=match.groups())
             return (op, getattr(self, name), bound)
         return ("unknown", _not_found, request)
 

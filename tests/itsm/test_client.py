@@ -241,6 +241,15 @@ def test_the_request_hook_sees_every_call(simulator, redis_client):
     client.close()
 
 
+def test_every_incident_call_asks_for_json(simulator, client):
+    ref = client.create(DRAFT, "k1")
+    client.update(ref, priority=Priority.URGENT)
+    client.get(ref)
+    calls = [c for c in simulator.call_log() if not c["op"].startswith("token")]
+    assert [c["op"] for c in calls] == ["create", "update", "get"]
+    assert {c["accept"] for c in calls} == {"application/json"}
+
+
 def test_many_threads_share_one_client(simulator, client):
     ref = client.create(DRAFT, "k1")
     errors: list[BaseException] = []
