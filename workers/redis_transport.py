@@ -9,10 +9,13 @@ under a steady stream of tasks loses about one message in a few thousand that wa
 Here the pop and the copy into ``unacked`` are one Lua script, so a fetched message
 is always somewhere a restore finds it. The hash entries have kombu's own layout, so
 kombu's sweep, acks and rejects work on them unchanged, and stock workers can share
-the broker. A script cannot block, so a fetch that finds nothing is followed by a
-blocking ``XREAD`` on a small wake-up stream that this transport's producers append to
-after every push (the fetch returns the stream's last id, so a push between the two is
-never missed). An idle worker costs Redis two calls a second.
+the broker. A script cannot block, so once the queues are empty the worker blocks on
+``XREAD`` of small wake-up streams, one per queue, that this transport's producers
+append to after every push. The fetch returns the streams' last ids when it found
+nothing or took the last message, so a push between the fetch and the wait is never
+missed, and a worker that took the last message waits at once instead of first
+fetching nothing. A push wakes only the consumers of its own queue. An idle worker
+costs Redis two calls a second.
 """
 
 from __future__ import annotations
@@ -33,12 +36,24 @@ from workers import wire_json
 
 FETCH_SCRIPT = """
 -- KEYS: the queue lists in the order BRPOP would read them, kombu's unacked hash and its
--- index, the wake-up stream. ARGV[1]: the delivery time, on the clock the restore sweep
--- reads.
-local n = #KEYS
-for i = 1, n - 3 do
+-- index, then the wake-up streams of the queues. ARGV[1]: the delivery time, on the clock
+-- the restore sweep reads; ARGV[2]: how many of the keys are queue lists.
+local lists = tonumber(ARGV[2])
+local unacked, index = KEYS[lists + 1], KEYS[lists + 2]
+
+-- the last wake-up of each stream so far, to wait for the next one
+local function wake_ids(reply)
+  for i = lists + 3, #KEYS do
+    local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+    reply[#reply + 1] = #last > 0 and last[1][1] or '0-0'
+  end
+  return reply
+end
+
+for i = 1, lists do
   local item = redis.call('RPOP', KEYS[i])
   if item then
+    local reply = {i, item, ''}
     local ok, msg = pcall(cjson.decode, item)
     local props = ok and type(msg) == 'table' and msg['properties']
     local info = type(props) == 'table' and props['delivery_info']
@@ -47,28 +62,32 @@ for i = 1, n - 3 do
       -- the same value kombu writes: [message, exchange, routing key]
       local entry = '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ','
         .. cjson.encode(info['routing_key']) .. ']'
-      redis.call('ZADD', KEYS[n - 1], ARGV[1], tag)
-      redis.call('HSET', KEYS[n - 2], tag, entry)
-      return {i, item, tag}
+      redis.call('ZADD', index, ARGV[1], tag)
+      redis.call('HSET', unacked, tag, entry)
+      reply[3] = tag
     end
-    return {i, item}
+    -- the lists before this one are empty; when the rest are too, the ids to wait from
+    for j = i, lists do
+      if redis.call('LLEN', KEYS[j]) > 0 then return reply end
+    end
+    return wake_ids(reply)
   end
 end
--- nothing to fetch: the last wake-up so far, to wait for the next one
-local last = redis.call('XREVRANGE', KEYS[n], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  return {0, last[1][1]}
-end
-return {0, '0-0'}
+return wake_ids({0})
 """
 
 FETCH_SHA = hashlib.sha1(FETCH_SCRIPT.encode()).hexdigest()
 
-WAKE_STREAM = "bridge.wake"
+WAKE_STREAM_PREFIX = "bridge.wake."
 WAKE_STREAM_LENGTH = 1000
-# Producers that are not this transport do not write to the stream; their messages are
+# Producers that are not this transport do not write to the streams; their messages are
 # fetched when the wait times out.
 WAKE_WAIT_MS = 1000
+
+
+def wake_stream(queue: str) -> str:
+    """The wake-up stream of ``queue``: a push wakes only the consumers of its queue."""
+    return WAKE_STREAM_PREFIX + queue
 
 
 class QoS(kombu_redis.QoS):
@@ -89,7 +108,9 @@ class Channel(kombu_redis.Channel):
         self.recorded: set[str] = set()  # delivery tags the fetch script put in unacked
         self._pending: str | None = None  # "fetch" or "wake": the command in flight
         self._fetch_keys: list[str] = []
-        self._wake_from: str | None = None
+        self._fetch_streams: list[str] = []
+        # the streams to wait on and the ids to wait from, once the queues were found empty
+        self._wake_from: tuple[list[str], list[str]] | None = None
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -139,7 +160,7 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             pipe.lpush(key, wire_json.dumps(message))
             # after the push: a consumer that missed the message is woken by this entry
-            pipe.xadd(WAKE_STREAM, {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+            pipe.xadd(wake_stream(queue), {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
             pipe.execute()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -148,26 +169,27 @@ class Channel(kombu_redis.Channel):
             return
         connection = self.client.connection
         if self._wake_from is not None:
-            # the last fetch found nothing: block until a producer writes after it
-            wake_from, self._wake_from = self._wake_from, None
+            # the queues were empty at the last fetch: block until a producer writes after it
+            (streams, ids), self._wake_from = self._wake_from, None
             self._pending = "wake"
             self._in_poll = connection
             self._brpop_sent_at = monotonic()
-            connection.send_command(
-                "XREAD", "BLOCK", WAKE_WAIT_MS, "STREAMS", WAKE_STREAM, wake_from
-            )
+            connection.send_command("XREAD", "BLOCK", WAKE_WAIT_MS, "STREAMS", *streams, *ids)
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        keys += [self.unacked_key, self.unacked_index_key, WAKE_STREAM]
+        lists = len(keys)
+        streams = [wake_stream(queue) for queue in queues]
+        keys += [self.unacked_key, self.unacked_index_key, *streams]
         self._fetch_keys = keys
+        self._fetch_streams = streams
         self._pending = "fetch"
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
         # by its digest: the script's text is not sent (nor hashed by Redis) on every fetch
-        connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time())
+        connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time(), lists)
 
     def _brpop_read(self, **options: Any) -> bool:
         pending = self._pending
@@ -188,17 +210,21 @@ class Channel(kombu_redis.Channel):
                 raise Empty()
             index = int(reply[0])
             if index == 0:
-                self._wake_from = reply[1].decode()
+                self._wake_from = (self._fetch_streams, [i.decode() for i in reply[1:]])
                 raise Empty()
             dest = self._fetch_keys[index - 1].rsplit(self.sep, 1)[0]
-            if len(reply) > 2:
+            if reply[2]:
                 self.recorded.add(reply[2].decode())
+            if len(reply) > 3:
+                # that was the last message queued: wait next, rather than fetch nothing
+                self._wake_from = (self._fetch_streams, [i.decode() for i in reply[3:]])
             self._queue_cycle.rotate(dest)
             self.connection._deliver(wire_json.loads(reply[1]), dest)
             return True
         finally:
             self._pending = None
             self._fetch_keys = []
+            self._fetch_streams = []
             self._in_poll = None
             self._flush_brpop_reauth()
 

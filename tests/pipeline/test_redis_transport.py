@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 from kombu import Connection, Exchange, Queue
 
-from workers.redis_transport import FETCH_SCRIPT, WAKE_STREAM
+from workers.redis_transport import FETCH_SCRIPT, wake_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 TRANSPORT = "workers.redis_transport:Transport"
@@ -32,13 +32,17 @@ def _publish(redis_url: str, queue_name: str, body: dict) -> None:
 
 
 def _fetch(client: redis_lib.Redis, *queues: str) -> list:
-    keys = [*queues, "unacked", "unacked_index", WAKE_STREAM]
-    return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time())
+    keys = [*queues, "unacked", "unacked_index", *(wake_stream(q) for q in queues)]
+    return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time(), len(queues))
+
+
+def _last_wake_up(client: redis_lib.Redis, queue: str) -> bytes:
+    return client.xrevrange(wake_stream(queue), count=1)[0][0]
 
 
 def test_a_fetched_message_is_in_unacked_in_the_same_step(redis_url, redis_client, queue_name):
     _publish(redis_url, queue_name, {"alert": 1})
-    index, item, tag = _fetch(redis_client, queue_name)
+    index, item, tag, _ = _fetch(redis_client, queue_name)
     assert index == 1
     assert redis_client.llen(queue_name) == 0
     payload, exchange, routing_key = json.loads(redis_client.hget("unacked", tag))
@@ -65,20 +69,36 @@ def test_the_fetch_reads_queues_in_the_order_given(redis_client, queue_name):
     assert _fetch(redis_client, f"{queue_name}.high", f"{queue_name}.low") == [
         1,
         b"also not json",
+        b"",
     ]
 
 
 def test_a_message_that_is_not_kombus_is_handed_over_unrecorded(redis_client, queue_name):
     redis_client.lpush(queue_name, "not json")
-    assert _fetch(redis_client, queue_name) == [1, b"not json"]
+    redis_client.lpush(queue_name, "more")
+    assert _fetch(redis_client, queue_name) == [1, b"not json", b""]
     assert redis_client.hlen("unacked") == 0
 
 
-def test_an_empty_fetch_answers_the_last_wake_up_so_far(redis_client, queue_name):
-    assert _fetch(redis_client, queue_name) == [0, b"0-0"]  # no wake-up written yet
-    redis_client.xadd(WAKE_STREAM, {"q": "elsewhere"})
-    last = redis_client.xrevrange(WAKE_STREAM, count=1)[0][0]
-    assert _fetch(redis_client, queue_name) == [0, last]
+def test_an_empty_fetch_answers_the_last_wake_up_of_each_queue(redis_client, queue_name):
+    other = f"{queue_name}.other"
+    assert _fetch(redis_client, queue_name, other) == [0, b"0-0", b"0-0"]  # none written yet
+    redis_client.xadd(wake_stream(other), {"q": other})
+    assert _fetch(redis_client, queue_name, other) == [
+        0,
+        b"0-0",
+        _last_wake_up(redis_client, other),
+    ]
+
+
+def test_taking_the_last_message_answers_the_wake_ups_to_wait_from(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 5})
+    _publish(redis_url, queue_name, {"alert": 6})
+    assert len(_fetch(redis_client, queue_name)) == 3  # one left: fetch again, no waiting
+    *_, wait_from = _fetch(redis_client, queue_name)  # the last: wait next
+    assert wait_from == _last_wake_up(redis_client, queue_name)
 
 
 def test_a_publish_after_an_empty_fetch_is_a_wake_up_newer_than_the_fetch_saw(
@@ -87,18 +107,26 @@ def test_a_publish_after_an_empty_fetch_is_a_wake_up_newer_than_the_fetch_saw(
     _, seen = _fetch(redis_client, queue_name)
     _publish(redis_url, queue_name, {"alert": 3})
     # the consumer's XREAD from what its fetch saw returns at once: no lost wake-up
-    woken = redis_client.xread({WAKE_STREAM: seen})
+    woken = redis_client.xread({wake_stream(queue_name): seen})
     assert woken and woken[0][1][-1][1] == {b"q": queue_name.encode()}
     assert _fetch(redis_client, queue_name)[0] == 1
+
+
+def test_a_publish_wakes_only_the_consumers_of_its_queue(redis_url, redis_client, queue_name):
+    other = f"{queue_name}.other"
+    _, seen = _fetch(redis_client, other)
+    _publish(redis_url, queue_name, {"alert": 7})
+    assert redis_client.xread({wake_stream(other): seen}, block=50) == []
+    assert redis_client.xlen(wake_stream(queue_name)) == 1
 
 
 def test_the_wake_up_stream_stays_short(redis_url, redis_client, queue_name):
     with redis_client.pipeline(transaction=False) as pipe:
         for _ in range(3000):
-            pipe.xadd(WAKE_STREAM, {"q": queue_name})
+            pipe.xadd(wake_stream(queue_name), {"q": queue_name})
         pipe.execute()
     _publish(redis_url, queue_name, {"alert": 4})
-    assert redis_client.xlen(WAKE_STREAM) < 1200  # trimmed to ~1,000 on every push
+    assert redis_client.xlen(wake_stream(queue_name)) < 1200  # trimmed to ~1,000 on every push
 
 
 def test_publishes_and_acks_share_one_client_per_connection_pool(redis_url):
