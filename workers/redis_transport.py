@@ -11,11 +11,12 @@ is always somewhere a restore finds it. The hash entries have kombu's own layout
 kombu's sweep, acks and rejects work on them unchanged, and stock workers can share
 the broker. A script cannot block, so once the queues are empty the worker blocks on
 ``XREAD`` of small wake-up streams, one per queue, that this transport's producers
-append to after every push. The fetch returns the streams' last ids when it found
-nothing or took the last message, so a push between the fetch and the wait is never
-missed, and a worker that took the last message waits at once instead of first
-fetching nothing. A push wakes only the consumers of its own queue. An idle worker
-costs Redis two calls a second.
+(and kombu's requeues and restores, through this channel) append to after every push.
+The fetch returns the streams' last ids when it found nothing or took the last
+message, so a push between the fetch and the wait is never missed, and a worker that
+took the last message waits at once instead of first fetching nothing (unless it ran
+out of prefetch credit meanwhile: then it fetches). A push wakes only the consumers
+of its own queue. An idle worker costs Redis two calls a second.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def wake_stream(queue: str) -> str:
     return WAKE_STREAM_PREFIX + queue
 
 
+def _wake(pipe: Any, queue: str) -> None:
+    """After a push to ``queue``, in the same pipeline: wake its waiting consumers."""
+    pipe.xadd(wake_stream(queue), {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+
+
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.channel.recorded:
@@ -98,6 +104,14 @@ class QoS(kombu_redis.QoS):
             virtual.QoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
+
+    def can_consume(self) -> bool:
+        able = bool(super().can_consume())
+        if not able:
+            # The worker stops polling until a task ends. Messages pushed meanwhile may
+            # have come without a wake-up (a stock producer): fetch when it resumes.
+            self.channel.wait_ids_stale = True
+        return able
 
 
 class Channel(kombu_redis.Channel):
@@ -111,6 +125,7 @@ class Channel(kombu_redis.Channel):
         self._fetch_streams: list[str] = []
         # the streams to wait on and the ids to wait from, once the queues were found empty
         self._wake_from: tuple[list[str], list[str]] | None = None
+        self.wait_ids_stale = False  # set by QoS.can_consume when the worker ran out of credit
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -160,7 +175,7 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             pipe.lpush(key, wire_json.dumps(message))
             # after the push: a consumer that missed the message is woken by this entry
-            pipe.xadd(wake_stream(queue), {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+            _wake(pipe, queue)
             pipe.execute()
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -168,13 +183,17 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         connection = self.client.connection
+        if self.wait_ids_stale:
+            self._wake_from = None
         if self._wake_from is not None:
             # the queues were empty at the last fetch: block until a producer writes after it
             (streams, ids), self._wake_from = self._wake_from, None
             self._pending = "wake"
             self._in_poll = connection
             self._brpop_sent_at = monotonic()
-            connection.send_command("XREAD", "BLOCK", WAKE_WAIT_MS, "STREAMS", *streams, *ids)
+            connection.send_command(
+                "XREAD", "COUNT", 1, "BLOCK", WAKE_WAIT_MS, "STREAMS", *streams, *ids
+            )
             return
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
@@ -190,6 +209,28 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = monotonic()
         # by its digest: the script's text is not sent (nor hashed by Redis) on every fetch
         connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time(), lists)
+
+    def _wait_from(self, ids: list[bytes]) -> None:
+        self._wake_from = (self._fetch_streams, [i.decode() for i in ids])
+        self.wait_ids_stale = False
+
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
+        # kombu's requeue (a reject, a visibility-timeout restore) pushes without _put: add
+        # the wake-up, or a worker waiting since it took the last message would see the
+        # message only when its wait times out
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if self.global_keyprefix:
+            return  # its consumers pop with kombu's BRPOP, not by wake-ups
+        try:
+            queues = self._lookup(exchange, routing_key)
+        except self.connection_errors:
+            raise
+        except Exception:  # kombu has logged why the message could not be restored
+            return
+        for queue in queues:
+            _wake(pipe, queue)
 
     def _brpop_read(self, **options: Any) -> bool:
         pending = self._pending
@@ -210,14 +251,14 @@ class Channel(kombu_redis.Channel):
                 raise Empty()
             index = int(reply[0])
             if index == 0:
-                self._wake_from = (self._fetch_streams, [i.decode() for i in reply[1:]])
+                self._wait_from(reply[1:])
                 raise Empty()
             dest = self._fetch_keys[index - 1].rsplit(self.sep, 1)[0]
             if reply[2]:
                 self.recorded.add(reply[2].decode())
             if len(reply) > 3:
                 # that was the last message queued: wait next, rather than fetch nothing
-                self._wake_from = (self._fetch_streams, [i.decode() for i in reply[3:]])
+                self._wait_from(reply[3:])
             self._queue_cycle.rotate(dest)
             self.connection._deliver(wire_json.loads(reply[1]), dest)
             return True

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,7 @@ def test_a_message_that_is_not_kombus_is_handed_over_unrecorded(redis_client, qu
     redis_client.lpush(queue_name, "not json")
     redis_client.lpush(queue_name, "more")
     assert _fetch(redis_client, queue_name) == [1, b"not json", b""]
+    assert _fetch(redis_client, queue_name) == [1, b"more", b"", b"0-0"]  # the last one
     assert redis_client.hlen("unacked") == 0
 
 
@@ -101,6 +105,13 @@ def test_taking_the_last_message_answers_the_wake_ups_to_wait_from(
     assert wait_from == _last_wake_up(redis_client, queue_name)
 
 
+def test_a_message_left_in_a_later_queue_is_fetched_next_not_waited_for(redis_client, queue_name):
+    redis_client.lpush(f"{queue_name}.high", "first")
+    redis_client.lpush(f"{queue_name}.low", "second")
+    reply = _fetch(redis_client, f"{queue_name}.high", f"{queue_name}.low")
+    assert reply == [1, b"first", b""]  # no ids: the next step is a fetch
+
+
 def test_a_publish_after_an_empty_fetch_is_a_wake_up_newer_than_the_fetch_saw(
     redis_url, redis_client, queue_name
 ):
@@ -118,6 +129,54 @@ def test_a_publish_wakes_only_the_consumers_of_its_queue(redis_url, redis_client
     _publish(redis_url, queue_name, {"alert": 7})
     assert redis_client.xread({wake_stream(other): seen}, block=50) == []
     assert redis_client.xlen(wake_stream(queue_name)) == 1
+
+
+def test_a_requeued_message_is_a_wake_up_for_its_queue(redis_url, redis_client, queue_name):
+    _publish(redis_url, queue_name, {"alert": 8})
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        message = conn.default_channel.basic_get(queue_name, no_ack=False)
+        message.reject(requeue=True)  # kombu's restore: it pushes without _put
+    assert redis_client.llen(queue_name) == 1
+    assert redis_client.xlen(wake_stream(queue_name)) == 2  # the publish's and the requeue's
+
+
+@contextmanager
+def _consumer(redis_url: str, queue_name: str, prefetch: int = 0) -> Iterator[tuple]:
+    """A consuming connection that fetches as a worker does, and the messages it got."""
+    got: list = []
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        conn.transport.event_loop = object()  # what a worker's hub sets: the bridge's fetch
+        queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
+        consumer = conn.Consumer([queue], callbacks=[lambda body, m: got.append(m)],
+                                 accept=["json"], prefetch_count=prefetch)  # fmt: skip
+        with consumer:
+            yield conn, got
+
+
+def test_a_message_requeued_after_the_last_one_was_taken_comes_back_at_once(redis_url, queue_name):
+    _publish(redis_url, queue_name, {"alert": 9})
+    with _consumer(redis_url, queue_name) as (conn, got):
+        conn.drain_events(timeout=5)  # took the last message: the next poll is a wait
+        got[0].reject(requeue=True)
+        # within the wait's own 1 s timeout: the requeue woke it
+        conn.drain_events(timeout=0.5)
+    assert len(got) == 2 and got[1].payload == {"alert": 9}
+
+
+def test_a_consumer_that_ran_out_of_credit_fetches_when_it_resumes(redis_url, queue_name):
+    _publish(redis_url, queue_name, {"alert": 10})
+    with _consumer(redis_url, queue_name, prefetch=1) as (conn, got):
+        conn.drain_events(timeout=5)  # the last message: it would wait next
+        # a stock producer writes no wake-up
+        with Connection(redis_url) as stock:
+            queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
+            stock.Producer().publish({"alert": 11}, exchange=queue.exchange,
+                                     routing_key=queue_name, serializer="json")  # fmt: skip
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.1)  # no credit: not polling
+        got[0].ack()
+        conn.drain_events(timeout=0.5)  # fetches at once, not after the wait's timeout
+    assert [m.payload for m in got] == [{"alert": 10}, {"alert": 11}]
 
 
 def test_the_wake_up_stream_stays_short(redis_url, redis_client, queue_name):
