@@ -81,6 +81,9 @@ FETCH_SHA = hashlib.sha1(FETCH_SCRIPT.encode()).hexdigest()
 
 WAKE_STREAM_PREFIX = "bridge.wake."
 WAKE_STREAM_LENGTH = 1000
+# A queue's stream goes away a day after its last push: replies to `celery inspect` and
+# `celery control` go to a new queue per client, each of which would leave a stream.
+WAKE_STREAM_TTL_S = 86400
 # Producers that are not this transport do not write to the streams; their messages are
 # fetched when the wait times out.
 WAKE_WAIT_MS = 1000
@@ -93,7 +96,9 @@ def wake_stream(queue: str) -> str:
 
 def _wake(pipe: Any, queue: str) -> None:
     """After a push to ``queue``, in the same pipeline: wake its waiting consumers."""
-    pipe.xadd(wake_stream(queue), {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+    stream = wake_stream(queue)
+    pipe.xadd(stream, {"q": queue}, maxlen=WAKE_STREAM_LENGTH, approximate=True)
+    pipe.expire(stream, WAKE_STREAM_TTL_S)
 
 
 class QoS(kombu_redis.QoS):
@@ -227,7 +232,9 @@ class Channel(kombu_redis.Channel):
             queues = self._lookup(exchange, routing_key)
         except self.connection_errors:
             raise
-        except Exception:  # kombu has logged why the message could not be restored
+        except Exception:
+            # the bindings cannot be read (kombu's restore above logged it if it failed
+            # too): waiting consumers fetch the message when their wait times out
             return
         for queue in queues:
             _wake(pipe, queue)

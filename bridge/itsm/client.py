@@ -234,8 +234,8 @@ class IncidentClient:
         authorization = self._auth.authorization()
         started = time.monotonic()
         status: int | None = None
-        session = self._session()
         try:
+            session = self._session()
             # Prepared here and sent with Session.send, not Session.request: that one
             # merges the session's headers, settings and hooks into every call, a sixth
             # of the client's CPU per call. The headers are the ones it would send.

@@ -158,8 +158,8 @@ def test_a_message_requeued_after_the_last_one_was_taken_comes_back_at_once(redi
     with _consumer(redis_url, queue_name) as (conn, got):
         conn.drain_events(timeout=5)  # took the last message: the next poll is a wait
         got[0].reject(requeue=True)
-        # within the wait's own 1 s timeout: the requeue woke it
-        conn.drain_events(timeout=0.5)
+        # sooner than the wait's own 1 s timeout: the requeue woke it
+        conn.drain_events(timeout=0.8)
     assert len(got) == 2 and got[1].payload == {"alert": 9}
 
 
@@ -175,8 +175,13 @@ def test_a_consumer_that_ran_out_of_credit_fetches_when_it_resumes(redis_url, qu
         with pytest.raises(socket.timeout):
             conn.drain_events(timeout=0.1)  # no credit: not polling
         got[0].ack()
-        conn.drain_events(timeout=0.5)  # fetches at once, not after the wait's timeout
+        conn.drain_events(timeout=0.8)  # fetches at once, not after the wait's 1 s timeout
     assert [m.payload for m in got] == [{"alert": 10}, {"alert": 11}]
+
+
+def test_a_wake_up_stream_goes_away_a_day_after_its_last_push(redis_url, redis_client, queue_name):
+    _publish(redis_url, queue_name, {"alert": 12})
+    assert 0 < redis_client.ttl(wake_stream(queue_name)) <= 86400
 
 
 def test_the_wake_up_stream_stays_short(redis_url, redis_client, queue_name):
