@@ -130,7 +130,8 @@ class Channel(kombu_redis.Channel):
         self._fetch_streams: list[str] = []
         # the streams to wait on and the ids to wait from, once the queues were found empty
         self._wake_from: tuple[list[str], list[str]] | None = None
-        self.wait_ids_stale = False  # set by QoS.can_consume when the worker ran out of credit
+        # set by QoS.can_consume when the worker ran out of credit since its last fetch
+        self.wait_ids_stale = False
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -209,6 +210,9 @@ class Channel(kombu_redis.Channel):
         keys += [self.unacked_key, self.unacked_index_key, *streams]
         self._fetch_keys = keys
         self._fetch_streams = streams
+        # the ids this fetch answers are good to wait from unless credit runs out before
+        # the wait is sent (even while the reply is held back for want of credit)
+        self.wait_ids_stale = False
         self._pending = "fetch"
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
@@ -217,7 +221,6 @@ class Channel(kombu_redis.Channel):
 
     def _wait_from(self, ids: list[bytes]) -> None:
         self._wake_from = (self._fetch_streams, [i.decode() for i in ids])
-        self.wait_ids_stale = False
 
     def _do_restore_message(
         self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
