@@ -17,17 +17,26 @@ message, so a push between the fetch and the wait is never missed, and a worker 
 took the last message waits at once instead of first fetching nothing (unless it ran
 out of prefetch credit meanwhile: then it fetches). A push wakes only the consumers
 of its own queue. An idle worker costs Redis two calls a second.
+
+kombu acknowledges each message with a transaction of its own (a round trip for every
+task). Here an ack waits for the worker's next fetch, whose script removes the tag
+before it pops; a worker with nothing more to fetch writes its acks within
+``ACK_DELAY_S`` on a timer of its event loop, and on close. A worker killed in that
+window runs those tasks again after the visibility timeout, as it would any task
+it had not acknowledged: the bridge's tasks are idempotent (architecture.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
 
+import structlog
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,9 +47,16 @@ from workers import wire_json
 FETCH_SCRIPT = """
 -- KEYS: the queue lists in the order BRPOP would read them, kombu's unacked hash and its
 -- index, then the wake-up streams of the queues. ARGV[1]: the delivery time, on the clock
--- the restore sweep reads; ARGV[2]: how many of the keys are queue lists.
+-- the restore sweep reads; ARGV[2]: how many of the keys are queue lists; ARGV[3...]: the
+-- delivery tags acked since the last fetch.
 local lists = tonumber(ARGV[2])
 local unacked, index = KEYS[lists + 1], KEYS[lists + 2]
+
+-- kombu's ack (the same two deletions), carried here instead of in a round trip of its own
+if #ARGV > 2 then
+  redis.call('ZREM', index, unpack(ARGV, 3))
+  redis.call('HDEL', unacked, unpack(ARGV, 3))
+end
 
 -- the last wake-up of each stream so far, to wait for the next one
 local function wake_ids(reply)
@@ -87,6 +103,12 @@ WAKE_STREAM_TTL_S = 86400
 # Producers that are not this transport do not write to the streams; their messages are
 # fetched when the wait times out.
 WAKE_WAIT_MS = 1000
+# An ack no fetch has carried is written on its own after at most this long.
+ACK_DELAY_S = 0.1
+# At most this many acks ride on one fetch (each is an argument of the script).
+ACKS_PER_FETCH = 200
+
+log = structlog.get_logger("workers.redis_transport")
 
 
 def wake_stream(queue: str) -> str:
@@ -110,6 +132,14 @@ class QoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def ack(self, delivery_tag: str) -> None:
+        channel = self.channel
+        if not channel.defers_acks():
+            super().ack(delivery_tag)
+            return
+        channel.acks_due.append(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # the credit is free now: the next fetch carries it
+
     def can_consume(self) -> bool:
         able = bool(super().can_consume())
         if not able:
@@ -132,6 +162,10 @@ class Channel(kombu_redis.Channel):
         self._wake_from: tuple[list[str], list[str]] | None = None
         # set by QoS.can_consume when the worker ran out of credit since its last fetch
         self.wait_ids_stale = False
+        # tags acked but not yet removed from unacked (appended by any thread, taken by the
+        # event loop's), and those the fetch in flight carries
+        self.acks_due: deque[str] = deque()
+        self._fetch_acks: list[str] = []
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -168,6 +202,42 @@ class Channel(kombu_redis.Channel):
         return getattr(self.connection, "event_loop", None) is not None and not (
             self.global_keyprefix
         )
+
+    def defers_acks(self) -> bool:
+        """Acks wait for the next fetch: the worker's event loop flushes the ones left."""
+        return self._ours() and getattr(self.connection, "ack_timer", None) is not None
+
+    def _take_acks(self, limit: int) -> list[str]:
+        due = self.acks_due
+        tags: list[str] = []
+        while due and len(tags) < limit:
+            tags.append(due.popleft())
+        return tags
+
+    def flush_acks(self) -> None:
+        """Write the acks no fetch has carried, in one round trip."""
+        while self.acks_due:
+            tags = self._take_acks(ACKS_PER_FETCH)
+            try:
+                with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                    pipe.zrem(self.unacked_index_key, *tags)
+                    pipe.hdel(self.unacked_key, *tags)
+                    pipe.execute()
+            except self.connection_errors as exc:
+                # what a refused ack means on kombu's own transport too
+                log.warning(
+                    "acks not written: the broker is unreachable; those tasks run again "
+                    "after the visibility timeout",
+                    tasks=len(tags) + len(self.acks_due),
+                    error=str(exc),
+                )
+                self.acks_due.clear()
+                return
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush_acks()
+        super().close()
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if (
@@ -213,11 +283,16 @@ class Channel(kombu_redis.Channel):
         # the ids this fetch answers are good to wait from unless credit runs out before
         # the wait is sent (even while the reply is held back for want of credit)
         self.wait_ids_stale = False
+        acks = self._fetch_acks = self._take_acks(ACKS_PER_FETCH)
         self._pending = "fetch"
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
         # by its digest: the script's text is not sent (nor hashed by Redis) on every fetch
-        connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time(), lists)
+        connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time(), lists, *acks)
+
+    def _keep_acks(self) -> None:
+        self.acks_due.extendleft(reversed(self._fetch_acks))
+        self._fetch_acks = []
 
     def _wait_from(self, ids: list[bytes]) -> None:
         self._wake_from = (self._fetch_streams, [i.decode() for i in ids])
@@ -251,10 +326,13 @@ class Channel(kombu_redis.Channel):
                 command = "EVALSHA" if pending == "fetch" else "XREAD"
                 reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
+                # the acks it carried may not have been written: deleting twice is harmless
+                self._keep_acks()
                 self.client.connection.disconnect()
                 raise
             except NoScriptError:
                 # a new or restarted Redis: nothing ran; load the script, fetch again
+                self._keep_acks()
                 self.client.script_load(FETCH_SCRIPT)
                 raise Empty() from None
             if pending == "wake":  # something was published, or the wait timed out
@@ -274,6 +352,7 @@ class Channel(kombu_redis.Channel):
             return True
         finally:
             self._pending = None
+            self._fetch_acks = []
             self._fetch_keys = []
             self._fetch_streams = []
             self._in_poll = None
@@ -284,7 +363,21 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
     event_loop: Any = None
+    ack_timer: Any = None
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         self.event_loop = loop
         super().register_with_event_loop(connection, loop)
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+        self.ack_timer = loop.call_repeatedly(ACK_DELAY_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        for channel in list(self.channels):
+            channel.flush_acks()
+
+    def close_connection(self, connection: Any) -> None:
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+        super().close_connection(connection)

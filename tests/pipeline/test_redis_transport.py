@@ -34,9 +34,9 @@ def _publish(redis_url: str, queue_name: str, body: dict) -> None:
                                 declare=[queue], serializer="json")  # fmt: skip
 
 
-def _fetch(client: redis_lib.Redis, *queues: str) -> list:
+def _fetch(client: redis_lib.Redis, *queues: str, acked: tuple = ()) -> list:
     keys = [*queues, "unacked", "unacked_index", *(wake_stream(q) for q in queues)]
-    return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time(), len(queues))
+    return client.eval(FETCH_SCRIPT, len(keys), *keys, time.time(), len(queues), *acked)
 
 
 def _last_wake_up(client: redis_lib.Redis, queue: str) -> bytes:
@@ -64,6 +64,17 @@ def test_kombus_restore_returns_a_message_whose_consumer_died_after_the_fetch(
         restored = conn.SimpleQueue(queue_name).get(timeout=5)
     assert restored.payload == {"alert": 2}
     assert redis_client.hlen("unacked") == 0
+
+
+def test_a_fetch_removes_the_messages_acked_since_the_last_one(redis_url, redis_client, queue_name):
+    _publish(redis_url, queue_name, {"alert": 1})
+    _publish(redis_url, queue_name, {"alert": 2})
+    _, _, first, *_ = _fetch(redis_client, queue_name)
+    _, _, second, *_ = _fetch(redis_client, queue_name, acked=(first,))
+    assert redis_client.hkeys("unacked") == [second]
+    assert redis_client.zrange("unacked_index", 0, -1) == [second]
+    _fetch(redis_client, queue_name, acked=(second,))  # it finds nothing, and still acks
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
 
 
 def test_the_fetch_reads_queues_in_the_order_given(redis_client, queue_name):
@@ -141,11 +152,14 @@ def test_a_requeued_message_is_a_wake_up_for_its_queue(redis_url, redis_client, 
 
 
 @contextmanager
-def _consumer(redis_url: str, queue_name: str, prefetch: int = 0) -> Iterator[tuple]:
+def _consumer(
+    redis_url: str, queue_name: str, prefetch: int = 0, ack_timer: object = None
+) -> Iterator[tuple]:
     """A consuming connection that fetches as a worker does, and the messages it got."""
     got: list = []
     with Connection(redis_url, transport=TRANSPORT) as conn:
         conn.transport.event_loop = object()  # what a worker's hub sets: the bridge's fetch
+        conn.transport.ack_timer = ack_timer  # and, with a hub, the timer that writes acks
         queue = Queue(queue_name, Exchange(queue_name), routing_key=queue_name)
         consumer = conn.Consumer([queue], callbacks=[lambda body, m: got.append(m)],
                                  accept=["json"], prefetch_count=prefetch)  # fmt: skip
@@ -177,6 +191,65 @@ def test_a_consumer_that_ran_out_of_credit_fetches_when_it_resumes(redis_url, qu
         got[0].ack()
         conn.drain_events(timeout=0.8)  # fetches at once, not after the wait's 1 s timeout
     assert [m.payload for m in got] == [{"alert": 10}, {"alert": 11}]
+
+
+def test_an_ack_rides_on_the_next_fetch(redis_url, redis_client, queue_name):
+    _publish(redis_url, queue_name, {"alert": 13})
+    with _consumer(redis_url, queue_name, ack_timer=object()) as (conn, got):
+        conn.drain_events(timeout=5)
+        got[0].ack()
+        assert redis_client.hexists("unacked", got[0].delivery_tag)  # not written yet
+        _publish(redis_url, queue_name, {"alert": 14})
+        conn.drain_events(timeout=5)  # this fetch carried the ack
+        assert not redis_client.hexists("unacked", got[0].delivery_tag)
+        assert redis_client.zscore("unacked_index", got[0].delivery_tag) is None
+        assert redis_client.hexists("unacked", got[1].delivery_tag)
+
+
+def test_acks_no_fetch_carried_are_written_when_the_channel_closes(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 15})
+    with _consumer(redis_url, queue_name, ack_timer=object()) as (conn, got):
+        conn.drain_events(timeout=5)
+        got[0].ack()
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+
+
+def test_a_rejected_message_is_requeued_at_once_not_with_the_deferred_acks(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 16})
+    with _consumer(redis_url, queue_name, ack_timer=object()) as (conn, got):
+        conn.drain_events(timeout=5)
+        got[0].reject(requeue=True)
+        # back in its queue and out of unacked, in the reject's own transaction
+        assert redis_client.llen(queue_name) == 1
+        assert redis_client.hlen("unacked") == 0
+        assert not conn.default_channel.acks_due
+
+
+def test_acks_that_cannot_be_written_are_left_to_the_visibility_timeout(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 17})
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        conn.transport.event_loop = object()
+        conn.transport.ack_timer = object()
+        channel = conn.default_channel
+        message = channel.basic_get(queue_name, no_ack=False)
+        message.ack()
+        channel._pool = redis_lib.ConnectionPool(port=_closed_port())  # the broker went away
+        channel.flush_acks()  # logs, does not raise
+        assert not channel.acks_due
+    # the sweep brings it back after the visibility timeout; the task runs again then
+    assert redis_client.hexists("unacked", message.delivery_tag)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_a_wake_up_stream_goes_away_a_day_after_its_last_push(redis_url, redis_client, queue_name):
@@ -281,31 +354,56 @@ def test_a_celery_worker_runs_tasks_and_leaves_nothing_unacked(redis_url, redis_
         app.close()
 
 
-def test_a_worker_whose_redis_lost_the_fetch_script_loads_it_again(private_redis, queue_name):
-    # a server of the test's own: flushing the shared server's scripts would flush them
-    # for every client of it
-    redis_client = redis_lib.Redis.from_url(private_redis)
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, private_redis, queue_name],
-                              cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)  # fmt: skip
+@contextmanager
+def _worker(redis_url: str, queue_name: str) -> Iterator[redis_lib.Redis]:
+    """A Celery worker on the bridge's transport consuming ``queue_name``, and a client."""
+    redis_client = redis_lib.Redis.from_url(redis_url)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, redis_url, queue_name], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _publish_task(private_redis, queue_name, f"{queue_name}.first")
-        assert redis_client.blpop([f"{queue_name}.first"], timeout=30) is not None
-        redis_client.script_flush()  # as after a restart: the fetch by digest finds none
-        _publish_task(private_redis, queue_name, f"{queue_name}.second")
-        assert redis_client.blpop([f"{queue_name}.second"], timeout=30) is not None
+        yield redis_client
     finally:
         worker.terminate()
         worker.wait(timeout=30)
         redis_client.close()
 
 
-def _publish_task(redis_url: str, queue_name: str, done_key: str) -> None:
+def test_a_celery_worker_acknowledges_with_its_fetches_not_a_transaction_per_task(
+    private_redis, queue_name
+):
+    with _worker(private_redis, queue_name) as redis_client:
+        _publish_task(private_redis, queue_name, f"{queue_name}.warm")
+        assert redis_client.blpop([f"{queue_name}.warm"], timeout=30) is not None
+        redis_client.config_resetstat()
+        _publish_task(private_redis, queue_name, f"{queue_name}.done", count=50)
+        for _ in range(50):
+            assert redis_client.blpop([f"{queue_name}.done"], timeout=30) is not None
+        deadline = time.monotonic() + 0.8  # the last ack: on the timer, before the wait ends
+        while redis_client.hlen("unacked") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert redis_client.hlen("unacked") == 0
+        transactions = redis_client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+        assert transactions < 10  # one per task when each ack was its own transaction
+
+
+def test_a_worker_whose_redis_lost_the_fetch_script_loads_it_again(private_redis, queue_name):
+    # a server of the test's own: flushing the shared server's scripts would flush them
+    # for every client of it
+    with _worker(private_redis, queue_name) as redis_client:
+        _publish_task(private_redis, queue_name, f"{queue_name}.first")
+        assert redis_client.blpop([f"{queue_name}.first"], timeout=30) is not None
+        redis_client.script_flush()  # as after a restart: the fetch by digest finds none
+        _publish_task(private_redis, queue_name, f"{queue_name}.second")
+        assert redis_client.blpop([f"{queue_name}.second"], timeout=30) is not None
+
+
+def _publish_task(redis_url: str, queue_name: str, done_key: str, count: int = 1) -> None:
     from celery import Celery
 
     app = Celery("fetchtest", broker=redis_url, set_as_current=False)
     app.conf.broker_transport = TRANSPORT
     try:
-        app.send_task("fetchtest.mark", args=[done_key], queue=queue_name)
+        for _ in range(count):
+            app.send_task("fetchtest.mark", args=[done_key], queue=queue_name)
     finally:
         app.close()
