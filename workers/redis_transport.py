@@ -166,6 +166,7 @@ class Channel(kombu_redis.Channel):
         # event loop's), and those the fetch in flight carries
         self.acks_due: deque[str] = deque()
         self._fetch_acks: list[str] = []
+        self._acks_failing = False
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -205,7 +206,8 @@ class Channel(kombu_redis.Channel):
 
     def defers_acks(self) -> bool:
         """Acks wait for the next fetch: the worker's event loop flushes the ones left."""
-        return self._ours() and getattr(self.connection, "ack_timer", None) is not None
+        timer = getattr(self.connection, "ack_timer", None)
+        return timer is not None and not timer.canceled and not self._closing and self._ours()
 
     def _take_acks(self, limit: int) -> list[str]:
         due = self.acks_due
@@ -214,8 +216,11 @@ class Channel(kombu_redis.Channel):
             tags.append(due.popleft())
         return tags
 
-    def flush_acks(self) -> None:
-        """Write the acks no fetch has carried, in one round trip."""
+    def flush_acks(self) -> bool:
+        """Write the acks no fetch has carried, one round trip per ``ACKS_PER_FETCH``.
+
+        On failure the acks are kept for the next try and False is returned.
+        """
         while self.acks_due:
             tags = self._take_acks(ACKS_PER_FETCH)
             try:
@@ -223,21 +228,40 @@ class Channel(kombu_redis.Channel):
                     pipe.zrem(self.unacked_index_key, *tags)
                     pipe.hdel(self.unacked_key, *tags)
                     pipe.execute()
-            except self.connection_errors as exc:
-                # what a refused ack means on kombu's own transport too
-                log.warning(
-                    "acks not written: the broker is unreachable; those tasks run again "
-                    "after the visibility timeout",
-                    tasks=len(tags) + len(self.acks_due),
-                    error=str(exc),
-                )
-                self.acks_due.clear()
-                return
+            except Exception as exc:
+                self.acks_due.extendleft(reversed(tags))
+                if not self._acks_failing:
+                    # once per streak: the timer tries again every ACK_DELAY_S
+                    log.warning("acks not written yet", error=str(exc), tasks=len(self.acks_due))
+                self._acks_failing = True
+                return False
+        self._acks_failing = False
+        return True
 
     def close(self) -> None:
-        if not self.closed:
-            self.flush_acks()
-        super().close()
+        if self.closed:
+            super().close()
+            return
+        # kombu's flag, set here before its close sets it: from now on acks are written
+        # at once, not left for a fetch or a timer that will not come
+        self._closing = True
+        try:
+            if self._in_poll:
+                # the fetch in flight may carry acks; if it fails, they come back to be
+                # written below (kombu's close would read it after them)
+                self._brpop_read()
+        except Exception:  # Empty, or the broker's failure: the close goes on
+            pass
+        try:
+            if not self.flush_acks():
+                # the broker is unreachable (a refused ack on kombu's transport too)
+                log.warning(
+                    "acks not written: those tasks run again after the visibility timeout",
+                    tasks=len(self.acks_due),
+                )
+                self.acks_due.clear()
+        finally:
+            super().close()
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if (
@@ -259,6 +283,10 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         connection = self.client.connection
+        if self._fetch_acks:
+            # the last fetch was given up without a reply (kombu's health check disconnects
+            # a fetch that is overdue): its acks go with the next one
+            self._keep_acks()
         if self.wait_ids_stale:
             self._wake_from = None
         if self._wake_from is not None:
@@ -324,15 +352,19 @@ class Channel(kombu_redis.Channel):
         try:
             try:
                 command = "EVALSHA" if pending == "fetch" else "XREAD"
-                reply = self.client.parse_response(self.client.connection, command, **options)
+                try:
+                    reply = self.client.parse_response(self.client.connection, command, **options)
+                except BaseException:
+                    # whether the script ran is not known (NOSCRIPT, a lost connection, a
+                    # read-only replica after a failover): its acks go with the next fetch,
+                    # as deleting twice is harmless
+                    self._keep_acks()
+                    raise
             except self.connection_errors:
-                # the acks it carried may not have been written: deleting twice is harmless
-                self._keep_acks()
                 self.client.connection.disconnect()
                 raise
             except NoScriptError:
                 # a new or restarted Redis: nothing ran; load the script, fetch again
-                self._keep_acks()
                 self.client.script_load(FETCH_SCRIPT)
                 raise Empty() from None
             if pending == "wake":  # something was published, or the wait timed out
