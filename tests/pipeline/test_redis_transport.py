@@ -266,28 +266,36 @@ def test_acks_a_closing_channel_cannot_write_are_left_to_the_visibility_timeout(
     assert redis_client.hexists("unacked", message.delivery_tag)
 
 
+@contextmanager
+def _first_of(redis_url: str, queue_name: str, *bodies: dict) -> Iterator[tuple]:
+    """A worker-like consumer that took the first of ``bodies`` and acked it (deferred)."""
+    redis_client = redis_lib.Redis.from_url(redis_url)
+    for body in bodies:
+        _publish(redis_url, queue_name, body)
+    try:
+        with _consumer(redis_url, queue_name, defer_acks=True) as (conn, got):
+            conn.drain_events(timeout=5)
+            got[0].ack()
+            yield conn, got, redis_client
+    finally:
+        redis_client.close()
+
+
 def test_a_fetch_that_failed_hands_its_acks_to_the_next_one(private_redis, queue_name):
-    redis_client = redis_lib.Redis.from_url(private_redis)
-    _publish(private_redis, queue_name, {"alert": 19})
-    with _consumer(private_redis, queue_name, defer_acks=True) as (conn, got):
-        conn.drain_events(timeout=5)
-        got[0].ack()
+    with _first_of(private_redis, queue_name, {"alert": 19}) as (conn, got, redis_client):
         redis_client.script_flush()  # the next fetch, by digest, fails with NOSCRIPT
         _publish(private_redis, queue_name, {"alert": 20})
         conn.drain_events(timeout=5)  # the failed fetch, then one that carried its acks
         assert not redis_client.hexists("unacked", got[0].delivery_tag)
-    redis_client.close()
 
 
-def test_a_fetch_given_up_without_a_reply_hands_its_acks_to_the_next_one(
-    private_redis, queue_name
-):
-    redis_client = redis_lib.Redis.from_url(private_redis)
-    _publish(private_redis, queue_name, {"alert": 23})
-    _publish(private_redis, queue_name, {"alert": 24})
-    with _consumer(private_redis, queue_name, defer_acks=True) as (conn, got):
-        conn.drain_events(timeout=5)  # one of two: the next poll is a fetch
-        got[0].ack()
+def test_a_fetch_given_up_without_a_reply_hands_its_acks_to_the_next_one(private_redis, queue_name):
+    # two messages: after the first the next poll is a fetch, not a wait
+    with _first_of(private_redis, queue_name, {"alert": 23}, {"alert": 24}) as (
+        conn,
+        got,
+        redis_client,
+    ):
         redis_client.client_pause(5000, all=False)  # scripts wait: the fetch gets no reply
         channel = conn.default_channel
         channel._brpop_start()
@@ -296,22 +304,20 @@ def test_a_fetch_given_up_without_a_reply_hands_its_acks_to_the_next_one(
         conn.drain_events(timeout=5)  # the next fetch carries the ack
         assert got[1].payload == {"alert": 24}
         assert not redis_client.hexists("unacked", got[0].delivery_tag)
-    redis_client.close()
 
 
 def test_a_channel_closed_with_a_fetch_in_flight_writes_the_acks_it_carried(
     private_redis, queue_name
 ):
-    redis_client = redis_lib.Redis.from_url(private_redis)
-    _publish(private_redis, queue_name, {"alert": 21})
-    _publish(private_redis, queue_name, {"alert": 22})
-    with _consumer(private_redis, queue_name, defer_acks=True) as (conn, got):
-        conn.drain_events(timeout=5)  # one of two: the next poll is a fetch, not a wait
-        got[0].ack()
+    with _first_of(private_redis, queue_name, {"alert": 21}, {"alert": 22}) as (
+        conn,
+        got,
+        redis_client,
+    ):
         redis_client.script_flush()
         conn.default_channel._brpop_start()  # a fetch carrying the ack, failing with NOSCRIPT
-    assert not redis_client.hexists("unacked", got[0].delivery_tag)
-    redis_client.close()
+        conn.close()
+        assert not redis_client.hexists("unacked", got[0].delivery_tag)
 
 
 def _closed_port() -> int:
