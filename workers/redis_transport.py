@@ -105,6 +105,7 @@ WAKE_STREAM_TTL_S = 86400
 WAKE_WAIT_MS = 1000
 # An ack no fetch has carried is written on its own after at most this long.
 ACK_DELAY_S = 0.1
+ACK_BACKOFF_MAX_S = 5.0
 # At most this many acks ride on one fetch (each is an argument of the script).
 ACKS_PER_FETCH = 200
 
@@ -166,7 +167,8 @@ class Channel(kombu_redis.Channel):
         # event loop's), and those the fetch in flight carries
         self.acks_due: deque[str] = deque()
         self._fetch_acks: list[str] = []
-        self._acks_failing = False
+        self._acks_backoff = 0.0  # after a failed flush: the pause before the timer's next try
+        self._acks_retry_at = 0.0
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -216,11 +218,16 @@ class Channel(kombu_redis.Channel):
             tags.append(due.popleft())
         return tags
 
-    def flush_acks(self) -> bool:
+    def flush_acks(self, last: bool = False) -> bool:
         """Write the acks no fetch has carried, one round trip per ``ACKS_PER_FETCH``.
 
-        On failure the acks are kept for the next try and False is returned.
+        On failure the acks are kept and False is returned; the timer tries again after a
+        pause that doubles up to ``ACK_BACKOFF_MAX_S`` (a broker that does not answer
+        holds the event loop for each try), fetches carry them meanwhile. ``last``: the
+        channel is closing, no pause, and the acks are dropped if they fail.
         """
+        if not last and self.acks_due and monotonic() < self._acks_retry_at:
+            return False
         while self.acks_due:
             tags = self._take_acks(ACKS_PER_FETCH)
             try:
@@ -230,12 +237,20 @@ class Channel(kombu_redis.Channel):
                     pipe.execute()
             except Exception as exc:
                 self.acks_due.extendleft(reversed(tags))
-                if not self._acks_failing:
-                    # once per streak: the timer tries again every ACK_DELAY_S
+                if last:
+                    # as after an ack refused on kombu's own transport
+                    log.warning(
+                        "acks not written: those tasks run again after the visibility timeout",
+                        error=str(exc),
+                        tasks=len(self.acks_due),
+                    )
+                    self.acks_due.clear()
+                elif not self._acks_backoff:
                     log.warning("acks not written yet", error=str(exc), tasks=len(self.acks_due))
-                self._acks_failing = True
+                self._acks_backoff = min(ACK_BACKOFF_MAX_S, 2 * (self._acks_backoff or ACK_DELAY_S))
+                self._acks_retry_at = monotonic() + self._acks_backoff
                 return False
-        self._acks_failing = False
+        self._acks_backoff = 0.0
         return True
 
     def close(self) -> None:
@@ -246,22 +261,24 @@ class Channel(kombu_redis.Channel):
         # at once, not left for a fetch or a timer that will not come
         self._closing = True
         try:
-            if self._in_poll:
-                # the fetch in flight may carry acks; if it fails, they come back to be
-                # written below (kombu's close would read it after them)
-                self._brpop_read()
-        except Exception:  # Empty, or the broker's failure: the close goes on
-            pass
-        try:
-            if not self.flush_acks():
-                # the broker is unreachable (a refused ack on kombu's transport too)
-                log.warning(
-                    "acks not written: those tasks run again after the visibility timeout",
-                    tasks=len(self.acks_due),
-                )
-                self.acks_due.clear()
+            try:
+                if self._in_poll:
+                    # the fetch in flight may carry acks; if it fails, they come back to
+                    # be written below (kombu's close would read it after them)
+                    self._brpop_read()
+            except Exception as exc:  # Empty, or the broker's failure: the close goes on
+                log.debug("last poll before close", error=repr(exc))
+            self.flush_acks(last=True)
         finally:
             super().close()
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        if connection is self._in_poll and self._pending == "fetch":
+            # the fetch is given up without its reply (kombu's health check disconnects
+            # one that is overdue): whether its acks were written is not known, so they
+            # go with the next fetch, or the close
+            self._keep_acks()
+        super()._on_connection_disconnect(connection)
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if (
@@ -283,10 +300,6 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         connection = self.client.connection
-        if self._fetch_acks:
-            # the last fetch was given up without a reply (kombu's health check disconnects
-            # a fetch that is overdue): its acks go with the next one
-            self._keep_acks()
         if self.wait_ids_stale:
             self._wake_from = None
         if self._wake_from is not None:
