@@ -103,7 +103,8 @@ WAKE_STREAM_TTL_S = 86400
 # Producers that are not this transport do not write to the streams; their messages are
 # fetched when the wait times out.
 WAKE_WAIT_MS = 1000
-# An ack no fetch has carried is written on its own after at most this long.
+# Acks no fetch has carried are written together by a timer this often; after a failed
+# write it pauses, doubling the pause up to ACK_BACKOFF_MAX_S, until the broker answers.
 ACK_DELAY_S = 0.1
 ACK_BACKOFF_MAX_S = 5.0
 # At most this many acks ride on one fetch (each is an argument of the script).
@@ -163,8 +164,8 @@ class Channel(kombu_redis.Channel):
         self._wake_from: tuple[list[str], list[str]] | None = None
         # set by QoS.can_consume when the worker ran out of credit since its last fetch
         self.wait_ids_stale = False
-        # tags acked but not yet removed from unacked (appended by any thread, taken by the
-        # event loop's), and those the fetch in flight carries
+        # tags acked but not yet removed from unacked (appended by any thread; taken by the
+        # fetch, the timer and the close), and those the fetch in flight carries
         self.acks_due: deque[str] = deque()
         self._fetch_acks: list[str] = []
         self._acks_backoff = 0.0  # after a failed flush: the pause before the timer's next try
@@ -250,7 +251,7 @@ class Channel(kombu_redis.Channel):
                 self._acks_backoff = min(ACK_BACKOFF_MAX_S, 2 * (self._acks_backoff or ACK_DELAY_S))
                 self._acks_retry_at = monotonic() + self._acks_backoff
                 return False
-        self._acks_backoff = 0.0
+        self._acks_backoff = self._acks_retry_at = 0.0
         return True
 
     def close(self) -> None:
@@ -273,11 +274,12 @@ class Channel(kombu_redis.Channel):
             super().close()
 
     def _on_connection_disconnect(self, connection: Any) -> None:
-        if connection is self._in_poll and self._pending == "fetch":
+        if connection is self._in_poll:
             # the fetch is given up without its reply (kombu's health check disconnects
             # one that is overdue): whether its acks were written is not known, so they
             # go with the next fetch, or the close
             self._keep_acks()
+            self._pending = None
         super()._on_connection_disconnect(connection)
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -300,6 +302,8 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         connection = self.client.connection
+        # a fetch given up without its reply hands its acks on (also done on disconnect)
+        self._keep_acks()
         if self.wait_ids_stale:
             self._wake_from = None
         if self._wake_from is not None:
@@ -332,8 +336,9 @@ class Channel(kombu_redis.Channel):
         connection.send_command("EVALSHA", FETCH_SHA, len(keys), *keys, time(), lists, *acks)
 
     def _keep_acks(self) -> None:
-        self.acks_due.extendleft(reversed(self._fetch_acks))
-        self._fetch_acks = []
+        if self._fetch_acks:
+            self.acks_due.extendleft(reversed(self._fetch_acks))
+            self._fetch_acks = []
 
     def _wait_from(self, ids: list[bytes]) -> None:
         self._wake_from = (self._fetch_streams, [i.decode() for i in ids])
@@ -368,9 +373,9 @@ class Channel(kombu_redis.Channel):
                 try:
                     reply = self.client.parse_response(self.client.connection, command, **options)
                 except BaseException:
-                    # whether the script ran is not known (NOSCRIPT, a lost connection, a
-                    # read-only replica after a failover): its acks go with the next fetch,
-                    # as deleting twice is harmless
+                    # the script did not run (NOSCRIPT, a read-only replica after a
+                    # failover), or it is not known whether it did (a lost connection):
+                    # its acks go with the next fetch, as deleting twice is harmless
                     self._keep_acks()
                     raise
             except self.connection_errors:
@@ -380,6 +385,9 @@ class Channel(kombu_redis.Channel):
                 # a new or restarted Redis: nothing ran; load the script, fetch again
                 self.client.script_load(FETCH_SCRIPT)
                 raise Empty() from None
+            if pending == "fetch":
+                # the broker answers: acks left to the timer need not wait for its pause
+                self._acks_backoff = self._acks_retry_at = 0.0
             if pending == "wake":  # something was published, or the wait timed out
                 raise Empty()
             index = int(reply[0])

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous import Hub
 from kombu.asynchronous.timer import Entry
 
+from workers import redis_transport
 from workers.redis_transport import FETCH_SCRIPT, wake_stream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,9 +304,39 @@ def test_acks_the_broker_refused_go_with_the_next_fetch(redis_url, queue_name):
         assert channel.flush_acks() is False  # logged, not raised
         assert list(channel.acks_due) == [got[0].delivery_tag]
         channel._pool = pool  # the broker is back
-        assert channel.flush_acks() is False  # the timer pauses before it tries again
-        conn.drain_events(timeout=5)  # and the fetch carries them meanwhile
+        conn.drain_events(timeout=5)
         assert not client.hexists("unacked", got[0].delivery_tag)
+
+
+def test_after_a_refusal_the_timer_pauses_before_it_tries_again(redis_url, queue_name, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(redis_transport, "monotonic", lambda: clock[0])
+    with _first_of(redis_url, queue_name, {"alert": 27}) as (conn, got, client):
+        channel = conn.default_channel
+        pool, channel._pool = channel._pool, redis_lib.ConnectionPool(port=_closed_port())
+        assert channel.flush_acks() is False
+        channel._pool = pool  # the broker is back
+        clock[0] += redis_transport.ACK_DELAY_S  # the timer's next turn: still pausing
+        assert channel.flush_acks() is False
+        assert client.hexists("unacked", got[0].delivery_tag)
+        clock[0] += redis_transport.ACK_DELAY_S * 1.5  # past the first pause, twice the delay
+        assert channel.flush_acks() is True
+        assert not client.hexists("unacked", got[0].delivery_tag)
+
+
+def test_the_event_loops_timer_writes_the_acks_no_fetch_carried(
+    redis_url, redis_client, queue_name
+):
+    _publish(redis_url, queue_name, {"alert": 28})
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        conn.register_with_event_loop(Hub())
+        timer = conn.transport.ack_timer
+        message = conn.default_channel.basic_get(queue_name, no_ack=False)
+        message.ack()
+        assert redis_client.hexists("unacked", message.delivery_tag)  # left for a fetch
+        timer()  # what the hub runs every ACK_DELAY_S
+        assert not redis_client.hexists("unacked", message.delivery_tag)
+    assert timer.canceled  # with its connection
 
 
 def _send_a_fetch_that_fails(conn: Connection, redis_client: redis_lib.Redis) -> None:
@@ -314,7 +346,7 @@ def _send_a_fetch_that_fails(conn: Connection, redis_client: redis_lib.Redis) ->
 
 
 @pytest.mark.parametrize(
-    "fetch", [_give_up_a_fetch, _send_a_fetch_that_fails], ids=["given up", "in flight"]
+    "fetch", [_give_up_a_fetch, _send_a_fetch_that_fails], ids=["given up", "failing in flight"]
 )
 def test_a_channel_closed_after_a_fetch_that_carried_acks_writes_them(
     private_redis, queue_name, fetch
@@ -461,7 +493,7 @@ def test_a_celery_worker_acknowledges_with_its_fetches_not_a_transaction_per_tas
         _publish_task(private_redis, queue_name, f"{queue_name}.done", count=50)
         for _ in range(50):
             assert redis_client.blpop([f"{queue_name}.done"], timeout=30) is not None
-        deadline = time.monotonic() + 0.8  # the last ack: on the timer, before the wait ends
+        deadline = time.monotonic() + 10  # the last ack: on the timer
         while redis_client.hlen("unacked") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert redis_client.hlen("unacked") == 0
