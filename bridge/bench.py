@@ -58,10 +58,10 @@ BROKER_DB = 5
 STATE_DB = 6
 RESERVED_DBS = frozenset({11, 12, 13})  # flushed by the test suites
 QUEUES = ("bridge.intake", "bridge.urgent", "bridge.updates")
-# What docker-compose.yml and docs/runbook.md give the intake workers: each pool process
-# has its next message at hand when it finishes one, instead of idling while the main
-# process acknowledges and fetches (docs/performance.md, "Prefetch 2 on the intake workers").
-INTAKE_PREFETCH = 2
+# What docker-compose.yml and docs/runbook.md give the intake workers: room for the
+# messages that gather while both pool processes are busy, which then go to the next free
+# process as one batch (workers/intake_batch.py; docs/performance.md, "Intake batches").
+INTAKE_PREFETCH = 16
 PHASES = ("floor", "per_alert", "batched", "new", "latency")
 INGEST_TOKEN = "bench-ingest-token-5e1d"
 SIM_CLIENT_ID = "bench-client"
@@ -184,8 +184,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="N",
-        help="prefetch multiplier of the prefork workers (default: 2 when they take only "
-        "bridge.intake, as docs/runbook.md deploys them; 1 with --act-pool none)",
+        help=f"prefetch multiplier of the prefork workers (default: {INTAKE_PREFETCH} when they "
+        "take only bridge.intake, as docs/runbook.md deploys them; 1 with --act-pool none)",
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     args = parser.parse_args(argv)

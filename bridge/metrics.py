@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+# Intake messages decided together (workers/intake_batch.py): up to worker.intake_batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 SOURCES = ("alertmanager", "grafana", "pagerduty", "generic", "canonical")
 DECISIONS = (
@@ -90,6 +92,12 @@ class Metrics:
         self.anomalies = Counter(
             "bridge_anomalies_total", "Key anomalies seen in ITSM records.", ["kind"], **kw
         )
+        self.intake_batches = Histogram(
+            "bridge_intake_batch_messages",
+            "Intake messages decided together, in one Redis round trip.",
+            buckets=BATCH_BUCKETS,
+            **kw,
+        )
         self.latency = Histogram(
             "bridge_alert_to_itsm_seconds",
             "Time from acceptance of an alert to its effect in the ITSM.",
@@ -122,6 +130,8 @@ class Metrics:
             self.anomalies.labels(labels["kind"]).inc()
         elif name == "latency":
             self.latency.observe(labels["seconds"])
+        elif name == "intake_batch":
+            self.intake_batches.observe(labels["messages"])
 
     def on_request(self, operation: str, status: int | str | None, seconds: float) -> None:
         """The ITSM client's request hook (status None: no answer, a network error)."""

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -238,18 +238,93 @@ class Pipeline:
         self, message: dict[str, Any], message_id: str, *, redelivered: bool = False
     ) -> IntakeResult:
         """Decide every alert of one message and submit the actions they need."""
-        result = IntakeResult()
+        return self.intake_many([(message, message_id)], redelivered=redelivered)[0]
+
+    def intake_many(
+        self, messages: Sequence[tuple[Any, str]], *, redelivered: bool = False
+    ) -> list[IntakeResult]:
+        """Decide the alerts of several messages in one Redis round trip, in order.
+
+        Each message keeps its own result, its own dead letter when it is invalid, and
+        its own tokens (``{message_id}:{i}``): a message decided here and then again on
+        its own (a batch that failed comes back one message at a time) makes the same
+        decisions, exactly as a message delivered twice does.
+        """
+        results = [IntakeResult() for _ in messages]
+        self._observe("intake_batch", messages=len(messages))
+        batch: list[tuple[IntakeResult, str, float, list[Alert]]] = []
+        for result, (message, message_id) in zip(results, messages, strict=True):
+            parsed = self._parse_message(result, message, message_id, redelivered)
+            if parsed is not None:
+                batch.append((result, message_id, *parsed))
+        alerts = [alert for *_, parsed_alerts in batch for alert in parsed_alerts]
+        if not alerts:
+            return results
+        tokens = [
+            f"{message_id}:{i}"
+            for _, message_id, _, parsed_alerts in batch
+            for i in range(len(parsed_alerts))
+        ]
+        outcomes = self.store.decide_many(alerts, tokens)
+        if self.previous_key_rule is not None:
+            alerts, outcomes = self._retry_orphans_with_previous_rule(alerts, tokens, outcomes)
+        # Skipped outright when the level drops them: the processors (redaction, time
+        # stamps) would otherwise run for every alert before the level is looked at.
+        info = _log_enabled(logging.INFO)
+        log_each = info and self.settings.log_every_decision
+        counts: dict[str, int] = {}
+        at = 0
+        for result, message_id, received_at, parsed_alerts in batch:
+            end = at + len(parsed_alerts)
+            for alert, token, outcome in zip(
+                alerts[at:end], tokens[at:end], outcomes[at:end], strict=True
+            ):
+                decision = outcome.decision
+                result.decisions[decision] = result.decisions.get(decision, 0) + 1
+                if log_each:
+                    log.info(
+                        decision,
+                        key=alert.key,
+                        decision=decision,
+                        source=alert.source,
+                        status=alert.status.value,
+                        incident_id=outcome.incident_id,
+                        message_id=message_id,
+                    )
+                if decision in ACTING:
+                    self.sink.submit(Action.from_outcome(alert, token, outcome, received_at))
+                    result.actions += 1
+            at = end
+            for decision, count in result.decisions.items():
+                counts[decision] = counts.get(decision, 0) + count
+            if info and _log_enabled(logging.DEBUG):
+                log.debug(
+                    "message decided",
+                    message_id=message_id,
+                    alerts=len(parsed_alerts),
+                    **result.decisions,
+                )
+        # once per decision of the call, not once per alert (a batch has hundreds)
+        for decision, count in counts.items():
+            self._observe("decision", decision=decision, count=count)
+        return results
+
+    def _parse_message(
+        self, result: IntakeResult, message: Any, message_id: str, redelivered: bool
+    ) -> tuple[float, list[Alert]] | None:
+        """The message's alerts and when it was received; None when it was dead-lettered."""
         if not isinstance(message, dict):
             # Placed on the queue by hand or by a foreign producer: keep it, say why.
             detail = f"the intake message is a {type(message).__name__}, not an envelope object"
-            message = {"payload": message}
-            result.dead_letter = self._dead_letter_message(message, Reason.INVALID_PAYLOAD, detail)
+            result.dead_letter = self._dead_letter_message(
+                {"payload": message}, Reason.INVALID_PAYLOAD, detail
+            )
             self._observe("rejected", source="unknown", reason="invalid_payload")
-            return result
+            return None
         if redelivered and self._too_many_deliveries(message_id):
             detail = f"delivered more than {POISON_DELIVERIES} times; it stops its worker"
             result.dead_letter = self._dead_letter_message(message, Reason.POISON, detail)
-            return result
+            return None
         fmt = str(message.get("format", ""))
         received_at = self._received_at(message)
         try:
@@ -259,47 +334,14 @@ class Pipeline:
                 message, Reason.INVALID_PAYLOAD, str(exc)
             )
             self._observe("rejected", source=fmt or "unknown", reason="invalid_payload")
-            return result
+            return None
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"cannot read the message: {type(exc).__name__}: {exc}"
             result.dead_letter = self._dead_letter_message(message, Reason.INVALID_PAYLOAD, detail)
             self._observe("rejected", source=fmt or "unknown", reason="invalid_payload")
-            return result
+            return None
         result.alerts = len(alerts)
-        if not alerts:
-            return result
-        tokens = [f"{message_id}:{i}" for i in range(len(alerts))]
-        outcomes = self.store.decide_many(alerts, tokens)
-        if self.previous_key_rule is not None:
-            alerts, outcomes = self._retry_orphans_with_previous_rule(alerts, tokens, outcomes)
-        # Skipped outright when the level drops them: the processors (redaction, time
-        # stamps) would otherwise run for every alert before the level is looked at.
-        info = _log_enabled(logging.INFO)
-        log_each = info and self.settings.log_every_decision
-        for alert, token, outcome in zip(alerts, tokens, outcomes, strict=True):
-            decision = outcome.decision
-            result.decisions[decision] = result.decisions.get(decision, 0) + 1
-            if log_each:
-                log.info(
-                    decision,
-                    key=alert.key,
-                    decision=decision,
-                    source=alert.source,
-                    status=alert.status.value,
-                    incident_id=outcome.incident_id,
-                    message_id=message_id,
-                )
-            if decision in ACTING:
-                self.sink.submit(Action.from_outcome(alert, token, outcome, received_at))
-                result.actions += 1
-        # once per decision of the message, not once per alert (a batch has a hundred)
-        for decision, count in result.decisions.items():
-            self._observe("decision", decision=decision, count=count)
-        if info and _log_enabled(logging.DEBUG):
-            log.debug(
-                "message decided", message_id=message_id, alerts=len(alerts), **result.decisions
-            )
-        return result
+        return received_at, alerts
 
     def _retry_orphans_with_previous_rule(
         self, alerts: list[Alert], tokens: list[str], outcomes: list[Outcome]

@@ -415,6 +415,14 @@ class Settings(BaseModel):
     worker_concurrency: int = Field(
         default=2, ge=1, description="Pool processes per bridge worker."
     )
+    worker_intake_batch: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Most intake messages one prefork pool process decides together while every "
+            "process is busy (one Redis round trip for all); 1 = one message at a time."
+        ),
+    )
     worker_metrics_port: int = Field(
         default=9808,
         ge=0,

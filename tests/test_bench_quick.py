@@ -14,6 +14,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pytest
 
+from bridge.bench import INTAKE_PREFETCH
 from tests.conftest import REDIS_URL, require_service
 
 KEYS = (
@@ -68,7 +69,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureF
     assert not missing, missing
     assert data["broker"] == "redis"
     assert data["workers"] == 2
-    assert data["prefetch_multiplier"] == 2  # the intake workers as deployed
+    assert data["prefetch_multiplier"] == INTAKE_PREFETCH  # the intake workers as deployed
     assert data["storm_keys"] == 10
     assert data["storm_alerts"] == 200
     # the storm creates one incident per key with one token, whatever the speed

@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.runtime import Runtime, connect_redis
+from workers import intake_batch
 
 log = structlog.get_logger("workers.tasks")
 _runtimes: dict[tuple[int, int], Runtime] = {}
@@ -72,6 +73,20 @@ def runtime_for(app: Celery) -> Runtime:
     return rt
 
 
+# The apps registered in this process, for the batch jobs its pool processes run.
+_apps: dict[int, Celery] = {}
+
+
+def run_intake_batch(app_id: int, items: list[tuple[bytes, str, str, str]]) -> None:
+    """A pool job: decide several intake messages together (``workers/intake_batch.py``)."""
+    messages = [intake_batch.decode(item) for item in items]
+    structlog.contextvars.bind_contextvars(batch=len(messages))
+    try:
+        runtime_for(_apps[app_id]).pipeline.intake_many(messages)
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
 def _redelivered(task: Any) -> bool:
     """Both brokers flag a message handed out again after its worker died."""
     info = task.request.delivery_info or {}
@@ -96,7 +111,16 @@ def register(app: Celery) -> None:
     # pickled through the pool's pipe and handled by Celery (~5% of the per-alert rate).
     # The pipeline logs what each message and action did.
 
-    @app.task(name="bridge.intake", **common)
+    _apps[id(app)] = app
+    settings = getattr(app.conf, "bridge_settings", None)
+    batch = settings.worker_intake_batch if settings is not None else 1
+
+    @app.task(
+        name="bridge.intake",
+        # a static attribute: Celery reads it from the task instance
+        Strategy=staticmethod(intake_batch.strategy_for(run_intake_batch, id(app), batch)),
+        **common,
+    )
     def intake(self: Any, message: dict[str, Any]) -> None:
         structlog.contextvars.bind_contextvars(task_id=self.request.id)
         try:

@@ -59,9 +59,10 @@ def _storm_with_kills(
 
 # "prefork": every queue on the prefork instances, whole-instance kills at random;
 # "threads" and "intake": the deployed layout, the intake on prefork instances that
-# prefetch 2 messages per process and the ITSM actions on a threads worker. In "threads"
-# every whole-instance kill hits the threads worker (its actions in flight must come
-# back), in "intake" the first intake instance (its prefetched messages must come back).
+# prefetch 16 messages per process (so killed children hold batches) and the ITSM
+# actions on a threads worker. In "threads" every whole-instance kill hits the threads
+# worker (its actions in flight must come back), in "intake" the first intake instance
+# (its prefetched and gathered messages must come back).
 DEPLOYED = {"act_pool": "threads:8", "intake_prefetch": INTAKE_PREFETCH}
 LAYOUTS = {"prefork": {}, "threads": DEPLOYED, "intake": DEPLOYED}
 VICTIM = {"prefork": None, "threads": -1, "intake": 0}

@@ -31,6 +31,7 @@ class BridgeStack:
         log_path: Path,
         extra_env: dict[str, str] | None = None,
         concurrency: int = 2,
+        worker_args: tuple[str, ...] = (),
     ) -> None:
         self.sim = sim
         self.broker_url = broker_url
@@ -54,6 +55,7 @@ class BridgeStack:
             **(extra_env or {}),
         }
         self.concurrency = concurrency
+        self.worker_args = worker_args
         self.settings = load_settings(
             env={k: v for k, v in self.env.items() if k != "BRIDGE_CONFIG"}
         )
@@ -77,6 +79,7 @@ class BridgeStack:
                 str(self.concurrency),
                 "--loglevel",
                 "INFO",
+                *self.worker_args,
             ],
             cwd=ROOT,
             env=self.env,

@@ -31,22 +31,29 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_ingest_and_prefork_worker_metrics_match_the_itsm(redis_url, itsm_sim, unique, tmp_path):
-    broker = redis_lib.Redis.from_url(BROKER_REDIS_URL)
-    broker.flushdb()
-    metrics_port = _free_port()
+def metrics_stack(redis_url: str, sim, prefix: str, tmp_path, **kwargs) -> tuple[BridgeStack, int]:
+    """A stack whose prefork worker serves /metrics (summed over its processes), and the port."""
+    port = _free_port()
     stack = BridgeStack(
         broker_url=BROKER_REDIS_URL,
         redis_url=redis_url,
-        sim=itsm_sim,
-        prefix=f"met{unique}",
+        sim=sim,
+        prefix=prefix,
         log_path=tmp_path / "workers.log",
         extra_env={
             "BRIDGE_INGEST_TOKENS": TOKEN,
-            "BRIDGE_WORKER_METRICS_PORT": str(metrics_port),
+            "BRIDGE_WORKER_METRICS_PORT": str(port),
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
         },
+        **kwargs,
     )
+    return stack, port
+
+
+def test_ingest_and_prefork_worker_metrics_match_the_itsm(redis_url, itsm_sim, unique, tmp_path):
+    broker = redis_lib.Redis.from_url(BROKER_REDIS_URL)
+    broker.flushdb()
+    stack, metrics_port = metrics_stack(redis_url, itsm_sim, f"met{unique}", tmp_path)
     ingest = None
     try:
         stack.start_workers()

@@ -360,3 +360,52 @@ def test_an_incident_read_back_without_its_key_tag_is_an_anomaly(serviceops_sim,
     assert answer.status_code == 200, answer.text
     h.send(am_alert("m1"))
     assert ("anomaly", {"kind": "key_mismatch"}) in seen
+
+
+def _one_alert(fingerprint: str, summary: str = "disk full") -> dict:
+    return envelope(
+        "alertmanager",
+        am_payload([{**am_alert(fingerprint), "annotations": {"summary": summary}}]),
+    )
+
+
+def test_messages_decided_together_make_the_decisions_each_would_make_alone(so):
+    messages = [(_one_alert("b1"), "m-1"), (_one_alert("b1"), "m-2"), (_one_alert("b2"), "m-3")]
+    results = so.pipeline.intake_many(messages)
+    assert [r.decisions for r in results] == [
+        {"create": 1},
+        {"wait_for_creator": 1},
+        {"create": 1},
+    ]
+    so.drain()
+    assert len(so.sim.incidents()) == 2
+
+
+def test_a_message_decided_in_a_batch_and_again_alone_is_a_duplicate(so):
+    message = _one_alert("b3")
+    so.pipeline.intake_many([(message, "m-10"), (_one_alert("b4"), "m-11")])
+    # the batch failed after deciding and its messages came back one by one
+    assert so.pipeline.intake(message, "m-10").decisions == {"create": 1}
+    so.drain()
+    assert len(so.sim.incidents()) == 2
+
+
+def test_an_invalid_message_in_a_batch_is_dead_lettered_alone(so):
+    bad = envelope("alertmanager", {"version": "4", "alerts": "nope"})
+    results = so.pipeline.intake_many([(_one_alert("b5"), "m-20"), (bad, "m-21")])
+    assert results[0].decisions == {"create": 1}
+    assert results[1].dead_letter is not None
+    (entry,) = so.rt.dlq.list()
+    assert entry.reason == Reason.INVALID_PAYLOAD
+    so.drain()
+    assert len(so.sim.incidents()) == 1
+
+
+def test_a_batch_is_one_state_round_trip(so, redis_client):
+    calls = []
+    decide_many = so.rt.store.decide_many
+    so.rt.store.decide_many = lambda alerts, tokens: (
+        calls.append(len(alerts)) or decide_many(alerts, tokens)
+    )
+    so.pipeline.intake_many([(_one_alert(f"b{i}"), f"m-3{i}") for i in range(6)])
+    assert calls == [6]
