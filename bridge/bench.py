@@ -187,6 +187,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"prefetch multiplier of the prefork workers (default: {INTAKE_PREFETCH} when they "
         "take only bridge.intake, as docs/runbook.md deploys them; 1 with --act-pool none)",
     )
+    parser.add_argument(
+        "--intake-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="intake messages a pool process decides together while all are busy "
+        "(worker.intake_batch; default: the setting's, 32; 1 = one at a time)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker/ingest logs")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -204,6 +212,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.intake_prefetch = INTAKE_PREFETCH if args.act_pool else 1
     if args.intake_prefetch < 1:
         parser.error("--intake-prefetch must be at least 1")
+    if args.intake_batch is None:
+        from bridge.settings import Settings
+
+        args.intake_batch = Settings.model_fields["worker_intake_batch"].default
+    if args.intake_batch < 1:
+        parser.error("--intake-batch must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.batch_size < 1:
@@ -468,6 +482,7 @@ class Harness:
             "BRIDGE_LOG_LEVEL": "WARNING",
             "BRIDGE_WORKER_METRICS_PORT": "0",
             "BRIDGE_WORKER_CONCURRENCY": str(args.workers),
+            "BRIDGE_WORKER_INTAKE_BATCH": str(args.intake_batch),
         }
         self.settings = load_settings(env=self.env)
         self.app: Any = None
@@ -1502,6 +1517,7 @@ def render(out: dict[str, Any]) -> str:
     head = (
         f"bridge bench: broker {out['broker']}, {out['workers']} prefork worker processes, "
         f"prefetch {out['prefetch_multiplier']}, "
+        f"intake batches of up to {out.get('intake_batch', 1)}, "
         f"{'actions on ' + out['act_pool'] + ', ' if out['act_pool'] else ''}"
         f"ITSM {out['itsm_flavor']} at {out['itsm_latency_ms']:g} ms, "
         f"{'quick' if out['quick'] else 'full'} sizes{_scaled(out)}, commit {out['git_commit']}"
@@ -1536,6 +1552,7 @@ def main(argv: list[str]) -> int:
         "itsm_flavor": args.flavor,
         "act_pool": args.act_pool or "",
         "prefetch_multiplier": args.intake_prefetch,
+        "intake_batch": args.intake_batch,
         "quick": args.quick,
         "scale": args.scale,
         "phases": args.phases,
