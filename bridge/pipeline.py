@@ -251,7 +251,6 @@ class Pipeline:
         decisions, exactly as a message delivered twice does.
         """
         results = [IntakeResult() for _ in messages]
-        self._observe("intake_batch", messages=len(messages))
         batch: list[tuple[IntakeResult, str, float, list[Alert]]] = []
         for result, (message, message_id) in zip(results, messages, strict=True):
             parsed = self._parse_message(result, message, message_id, redelivered)
@@ -260,6 +259,7 @@ class Pipeline:
         alerts = [alert for *_, parsed_alerts in batch for alert in parsed_alerts]
         if not alerts:
             return results
+        self._observe("intake_batch", messages=len(batch))
         tokens = [
             f"{message_id}:{i}"
             for _, message_id, _, parsed_alerts in batch

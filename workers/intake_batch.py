@@ -20,8 +20,15 @@ process is isolated on its next delivery instead of taking its batch with it aga
 Messages still waiting here when a worker stops or dies are unacknowledged, so the
 broker hands them out again.
 
-Only prefork pools batch: their results come back on the worker's event loop, in the
-thread that owns this state. The threads pool (``bridge run``) keeps Celery's path.
+A message the job cannot decode is handed back and requeued alone, so Celery's path
+deals with it as with any message it cannot read, without failing its batch. After
+the broker connection is lost and restored, the messages of the old connection are
+neither acknowledged nor sent to the pool any more: the broker has handed them out
+again, and an ack on their old delivery tag would act on the new delivery's record.
+
+Only prefork pools on the worker's event loop batch: their results come back on that
+loop, in the thread that owns this state. The threads pool (``bridge run``) and
+transports without an event loop keep Celery's path.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from functools import partial
 from typing import Any
 
 from celery.worker.strategy import default as default_strategy
-from kombu.serialization import loads
+from kombu.serialization import loads, prepare_accept_content
 
 # Celery's own ack and reject callbacks log their failures through a stdlib logger.
 _log = logging.getLogger("workers.intake_batch")
@@ -40,7 +47,10 @@ _log = logging.getLogger("workers.intake_batch")
 # A message this large (a webhook group of hundreds of alerts) is already a batch.
 MAX_BATCH_BYTES = 256 * 1024
 
-Job = Callable[[int, list[tuple[bytes, str, str, str]]], None]
+Item = tuple[bytes, str, str, str]  # body, content type, content encoding, task id
+# The pool job: takes the app's id and the items, answers the indexes it could not decode.
+Job = Callable[[int, list[Item]], list[int]]
+Entry = tuple[Any, Any, Any]  # message, ack, reject
 
 
 class Batcher:
@@ -55,6 +65,7 @@ class Batcher:
         slots: int,
         max_messages: int,
         connection_errors: tuple[type[BaseException], ...] = (),
+        current: Callable[[Any], bool] = lambda message: True,
     ) -> None:
         self._pool = pool
         self._job = job
@@ -62,7 +73,9 @@ class Batcher:
         self.slots = max(1, slots)
         self.max_messages = max(1, max_messages)
         self._errors = connection_errors
-        self.waiting: list[tuple[Any, Any, Any]] = []  # (message, ack, reject)
+        # False for a message of a connection the consumer has replaced
+        self._current = current
+        self.waiting: list[Entry] = []
         self._bytes = 0
         self.in_flight = 0
 
@@ -77,13 +90,14 @@ class Batcher:
             self.flush()
 
     def flush(self) -> None:
-        if not self.waiting:
+        batch = [entry for entry in self.waiting if self._current(entry[0])]
+        self.waiting, self._bytes = [], 0
+        if not batch:
             return
-        batch, self.waiting, self._bytes = self.waiting, [], 0
         items = [(m.body, m.content_type, m.content_encoding, m.headers["id"]) for m, _, _ in batch]
         self.in_flight += 1
         try:
-            self._pool.apply_async(
+            started = self._pool.apply_async(
                 self._job,
                 (self._app_id, items),
                 callback=partial(self._done, batch),
@@ -91,18 +105,27 @@ class Batcher:
                 correlation_id=items[0][3],
             )
         except Exception:
-            # the pool is stopping: the broker hands these out again
+            _log.warning("intake batch could not be handed to the pool", exc_info=True)
+            started = None
+        if started is None:
+            # the pool is stopping (billiard answers None then): hand the messages back
             self.in_flight -= 1
-            _log.warning("intake batch not started; its messages are requeued", exc_info=True)
+            _log.warning("intake batch of %d messages not started; requeued", len(batch))
             self._requeue(batch)
 
-    def _done(self, batch: list[tuple[Any, Any, Any]], _result: Any = None) -> None:
+    def _done(self, batch: list[Entry], undecoded: list[int] | None = None) -> None:
         self.in_flight -= 1
-        for _, ack, _ in batch:
-            ack(_log, self._errors)
+        alone = set(undecoded or ())
+        for i, (message, ack, reject) in enumerate(batch):
+            if not self._current(message):
+                continue  # handed out again after the connection was replaced
+            if i in alone:
+                reject(_log, self._errors, True)  # Celery's path refuses or dead-letters it
+            else:
+                ack(_log, self._errors)
         self.flush()
 
-    def _failed(self, batch: list[tuple[Any, Any, Any]], exc_info: Any = None) -> None:
+    def _failed(self, batch: list[Entry], exc_info: Any = None) -> None:
         self.in_flight -= 1
         error = getattr(exc_info, "exception", exc_info)
         _log.warning(
@@ -113,13 +136,15 @@ class Batcher:
         self._requeue(batch)
         self.flush()
 
-    def _requeue(self, batch: list[tuple[Any, Any, Any]]) -> None:
-        for _, _, reject in batch:
-            reject(_log, self._errors, True)
+    def _requeue(self, batch: list[Entry]) -> None:
+        for message, _, reject in batch:
+            if self._current(message):
+                reject(_log, self._errors, True)
 
 
-def batchable(message: Any) -> bool:
-    """True for a first delivery of a plain task message: no delay, retry or expiry."""
+def batchable(message: Any, accept: frozenset[str] | set[str]) -> bool:
+    """True for a first delivery of a plain task message: no delay, retry or expiry, and
+    content the app accepts (anything else takes Celery's path, which refuses it)."""
     headers = message.headers
     if not isinstance(headers, dict) or "id" not in headers:
         return False
@@ -127,13 +152,15 @@ def batchable(message: Any) -> bool:
         return False
     if (message.delivery_info or {}).get("redelivered"):
         return False
+    if message.content_type not in accept:
+        return False
     return isinstance(message.body, bytes | str) and len(message.body) < MAX_BATCH_BYTES
 
 
-def decode(item: tuple[bytes, str, str, str]) -> tuple[Any, str]:
+def decode(item: Item, accept: frozenset[str] | set[str]) -> tuple[Any, str]:
     """(the task's message argument, its task id) from one batched message's body."""
     body, content_type, content_encoding, task_id = item
-    args, kwargs, _embed = loads(body, content_type, content_encoding, accept={content_type})
+    args, kwargs, _embed = loads(body, content_type, content_encoding, accept=accept)
     message = args[0] if args else kwargs["message"]
     return message, task_id
 
@@ -144,8 +171,9 @@ def strategy_for(job: Job, app_id: int, max_messages: int) -> Callable[..., Any]
     def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
         single = default_strategy(task, app, consumer, **kwargs)
         pool = consumer.pool
-        if max_messages <= 1 or not _is_prefork(pool):
+        if max_messages <= 1 or not _is_prefork(pool) or consumer.hub is None:
             return single
+        accept = prepare_accept_content(app.conf.accept_content) or frozenset()
         batcher = Batcher(
             pool=pool,
             job=job,
@@ -153,10 +181,11 @@ def strategy_for(job: Job, app_id: int, max_messages: int) -> Callable[..., Any]
             slots=pool.num_processes,
             max_messages=max_messages,
             connection_errors=tuple(consumer.connection_errors),
+            current=partial(_on_current_channel, consumer),
         )
 
         def handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any):
-            if body is not None or not batchable(message):
+            if body is not None or not batchable(message, accept):
                 return single(message, body, ack, reject, callbacks, **kw)
             batcher.add(message, ack, reject)
             return None
@@ -171,3 +200,22 @@ def _is_prefork(pool: Any) -> bool:
     from celery.concurrency.prefork import TaskPool
 
     return isinstance(pool, TaskPool)
+
+
+def _on_current_channel(consumer: Any, message: Any) -> bool:
+    """True while ``message`` came through the consumer's current task channel.
+
+    Celery replaces its task consumer (and channel) when it reconnects, and drops it
+    while it shuts down: a message of the old channel has been or will be handed out
+    again, and its delivery tag may already name the new delivery. A shutdown that
+    begins while Celery reconnects still holds the old consumer, whose channel is closed.
+    """
+    task_consumer = consumer.task_consumer
+    channel = message.channel
+    return (
+        task_consumer is not None
+        and channel is task_consumer.channel
+        # closed, it may still reach Redis (its close restored the messages through it)
+        and not getattr(channel, "closed", False)  # kombu's virtual channels
+        and getattr(channel, "is_open", True)  # py-amqp's
+    )

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from celery import Celery
 from celery.signals import worker_process_init
+from kombu.serialization import prepare_accept_content
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -77,14 +78,27 @@ def runtime_for(app: Celery) -> Runtime:
 _apps: dict[int, Celery] = {}
 
 
-def run_intake_batch(app_id: int, items: list[tuple[bytes, str, str, str]]) -> None:
-    """A pool job: decide several intake messages together (``workers/intake_batch.py``)."""
-    messages = [intake_batch.decode(item) for item in items]
+def run_intake_batch(app_id: int, items: list[intake_batch.Item]) -> list[int]:
+    """A pool job: decide several intake messages together (``workers/intake_batch.py``).
+
+    Answers the indexes of the messages it could not decode; they go back to the broker
+    and through Celery's own path, one at a time, instead of failing the batch.
+    """
+    app = _apps[app_id]
+    accept = prepare_accept_content(app.conf.accept_content)
+    messages, undecoded = [], []
+    for i, item in enumerate(items):
+        try:
+            messages.append(intake_batch.decode(item, accept))
+        except Exception:  # not JSON, not accepted, not a task body: Celery's path says why
+            undecoded.append(i)
     structlog.contextvars.bind_contextvars(batch=len(messages))
     try:
-        runtime_for(_apps[app_id]).pipeline.intake_many(messages)
+        if messages:
+            runtime_for(app).pipeline.intake_many(messages)
     finally:
         structlog.contextvars.clear_contextvars()
+    return undecoded
 
 
 def _redelivered(task: Any) -> bool:

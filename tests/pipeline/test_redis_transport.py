@@ -278,9 +278,18 @@ def test_a_fetch_that_failed_hands_its_acks_to_the_next_one(private_redis, queue
 
 def _give_up_a_fetch(conn: Connection, redis_client: redis_lib.Redis) -> None:
     """A fetch that carries the acks gets no reply, and kombu's health check drops it."""
+    fetching = conn.default_channel.client.connection
+    fetching.send_command("CLIENT", "ID")
+    client_id = int(fetching.read_response())
     redis_client.client_pause(5000, all=False)  # scripts wait: the fetch gets no reply
     conn.default_channel._brpop_start()
-    conn.default_channel.client.connection.disconnect()
+    fetching.disconnect()
+    # Unpaused before Redis saw the connection close, the paused fetch would still run
+    # (and take the next message into unacked, its reply lost): wait for the close.
+    deadline = time.monotonic() + 5
+    while any(int(c["id"]) == client_id for c in redis_client.client_list()):
+        assert time.monotonic() < deadline, "Redis kept the dropped connection"
+        time.sleep(0.01)
     redis_client.client_unpause()
 
 
