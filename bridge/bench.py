@@ -482,8 +482,10 @@ class Harness:
             "BRIDGE_LOG_LEVEL": "WARNING",
             "BRIDGE_WORKER_METRICS_PORT": "0",
             "BRIDGE_WORKER_CONCURRENCY": str(args.workers),
-            "BRIDGE_WORKER_INTAKE_BATCH": str(args.intake_batch),
         }
+        # the soak and the dashboard renderer build their own args: the setting's default
+        if getattr(args, "intake_batch", None):
+            self.env["BRIDGE_WORKER_INTAKE_BATCH"] = str(args.intake_batch)
         self.settings = load_settings(env=self.env)
         self.app: Any = None
         self.proc: subprocess.Popen[bytes] | None = None
