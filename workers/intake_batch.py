@@ -120,7 +120,7 @@ class Batcher:
             if not self._current(message):
                 continue  # handed out again after the connection was replaced
             if i in alone:
-                reject(_log, self._errors, True)  # Celery's path refuses or dead-letters it
+                reject(_log, self._errors, True)  # Celery's path deals with it alone
             else:
                 ack(_log, self._errors)
         self.flush()
@@ -190,7 +190,6 @@ def strategy_for(job: Job, app_id: int, max_messages: int) -> Callable[..., Any]
             batcher.add(message, ack, reject)
             return None
 
-        handler.batcher = batcher  # type: ignore[attr-defined]
         return handler
 
     return strategy

@@ -74,8 +74,9 @@ def runtime_for(app: Celery) -> Runtime:
     return rt
 
 
-# The apps registered in this process, for the batch jobs its pool processes run.
-_apps: dict[int, Celery] = {}
+# The apps registered in this process and the content they accept, for the batch jobs
+# its pool processes run.
+_apps: dict[int, tuple[Celery, set[str]]] = {}
 
 
 def run_intake_batch(app_id: int, items: list[intake_batch.Item]) -> list[int]:
@@ -84,8 +85,7 @@ def run_intake_batch(app_id: int, items: list[intake_batch.Item]) -> list[int]:
     Answers the indexes of the messages it could not decode; they go back to the broker
     and through Celery's own path, one at a time, instead of failing the batch.
     """
-    app = _apps[app_id]
-    accept = prepare_accept_content(app.conf.accept_content)
+    app, accept = _apps[app_id]
     messages, undecoded = [], []
     for i, item in enumerate(items):
         try:
@@ -125,7 +125,7 @@ def register(app: Celery) -> None:
     # pickled through the pool's pipe and handled by Celery (~5% of the per-alert rate).
     # The pipeline logs what each message and action did.
 
-    _apps[id(app)] = app
+    _apps[id(app)] = (app, prepare_accept_content(app.conf.accept_content) or set())
     settings = getattr(app.conf, "bridge_settings", None)
     batch = settings.worker_intake_batch if settings is not None else 1
 
